@@ -248,7 +248,7 @@ class Conv2d(nn.Module):
     ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.up, self.down, self.fused_resample = up, down, fused_resample
+        self.up, self.down, self.fused_resample = up, down, fused_resample  # fused: downsampling only (NCSN++)
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
         self.weight = (
             nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight)
@@ -266,28 +266,17 @@ class Conv2d(nn.Module):
         f = None if self.resample_filter is None else self.resample_filter.to(x.dtype)
         w_pad = 0 if w is None else w.shape[-1] // 2
         f_pad = 0 if f is None else (f.shape[-1] - 1) // 2
-        if self.fused_resample and self.up and w is not None:
+        if self.up:
             x = F.conv_transpose2d(
-                x,
-                f.mul(4).tile(self.in_channels, 1, 1, 1),
-                groups=self.in_channels,
-                stride=2,
-                padding=max(f_pad - w_pad, 0),
+                x, f.mul(4).tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2, padding=f_pad
             )
-            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
-        elif self.fused_resample and self.down and w is not None:
+        if self.down and self.fused_resample:  # NCSN++'s residual path: convolve at full resolution, then filter
             x = F.conv2d(x, w, padding=w_pad + f_pad)
             x = F.conv2d(x, f.tile(self.out_channels, 1, 1, 1), groups=self.out_channels, stride=2)
-        else:
-            if self.up:
-                x = F.conv_transpose2d(
-                    x, f.mul(4).tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2, padding=f_pad
-                )
-            if self.down:
-                x = F.conv2d(x, f.tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2, padding=f_pad)
-            if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
-        return x if b is None else x + b.reshape(1, -1, 1, 1)
+            return x if b is None else x + b.reshape(1, -1, 1, 1)
+        if self.down:
+            x = F.conv2d(x, f.tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2, padding=f_pad)
+        return x if w is None else F.conv2d(x, w, b, padding=w_pad)
 
 
 class GroupNorm(nn.Module):
