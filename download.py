@@ -1,0 +1,582 @@
+"""Fetch checkpoints and data for nanofastgen, and turn NVIDIA's EDM/EDM2 pickles into safetensors safely.
+
+The official EDM (NVlabs/edm) and EDM2 (NVlabs/edm2) networks are published as Python pickles that carry
+their own source code: unpickling them the usual way imports `torch_utils`/`dnnlib` and `exec`s that code.
+Here they are read by a restricted unpickler that knows a short list of globals (tensor rebuilding,
+OrderedDict, a stub for `torch_utils.persistence`), refuses every other one, and never executes anything
+from the file. The network's parameters and persistent buffers are written out as a flat safetensors
+state dict with exactly the keys `state_dict()` of the real network would give (FastGen's layout:
+`model.*` for EDM, `unet.*` / `logvar_*` for EDM2, 0-dim gains as shape [1]).
+
+    python download.py --list                                   # every known name, size, source, destination
+    python download.py edm-cifar10-32x32-cond-vp                # -> $CKPT_ROOT_DIR/cifar10/edm-cifar10-32x32-cond-vp.safetensors
+    python download.py edm2-img64-s-fid --root /data/ckpt       # -> /data/ckpt/imagenet-64/edm2-img64-s-fid.safetensors
+    python download.py cifar10                                  # -> cifar10/cifar10-32x32.zip (EDM dataset_tool layout)
+    python download.py convert network-snapshot.pkl out.safetensors   # convert a local pickle, no network
+
+Downloads resume (HTTP Range) into `<source file name>.part` next to the destination, are checked against
+the sha256 in the table below when one is known (otherwise the digest is printed and recorded in
+`<destination>.sha256`, and used to check later downloads), and every output is written atomically.
+`--root` defaults to $CKPT_ROOT_DIR, else ./checkpoints. Hugging Face Hub repos go through `hub_download`,
+which honours HF_HOME, HF_HUB_OFFLINE=1, LOCAL_FILES_ONLY=true and HF_TOKEN.
+"""
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import http.client
+import io
+import json
+import os
+import pickle
+import struct
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# What can be fetched. Sizes are approximate: the pickles' from parameter counts (EDM fp32, EDM2 fp16).
+
+
+@dataclass(frozen=True)
+class Entry:
+    url: str
+    dest: str  # relative to --root
+    sha256: str | None  # of the downloaded file; None = not published anywhere we could find
+    size: str  # approximate download size, for --list
+    kind: str  # "edm-pickle" | "dataset"; "hub" (url = repo id, fetched with hub_download) when Hub names are added
+
+
+EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+EDM2_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/"
+
+# Digests: NVIDIA publishes no sha256 or md5 for the EDM/EDM2 pickles. The two in the table were recorded
+# by independent users of the files in public GitHub notes (found by searching for the file names):
+# uncond-vp in two unrelated projects (an ECT reproduction's launch scripts and a CIFAR-10 "steering"
+# notebook's README), edm2-img64-s in one (the same ECT reproduction's ImageNet-64 provenance note).
+# The CIFAR-10 digest is the one Keras verifies (keras-team/keras, keras/src/datasets/cifar10.py);
+# the page https://www.cs.toronto.edu/~kriz/cifar.html publishes md5 c58f30108f718f92721af3b95e74349a.
+# fmt: off
+CHECKPOINTS = {
+    "edm-cifar10-32x32-cond-vp":   Entry(url=EDM_URL + "edm-cifar10-32x32-cond-vp.pkl",      dest="cifar10/edm-cifar10-32x32-cond-vp.safetensors",       sha256=None, size="~225 MB", kind="edm-pickle"),
+    "edm-cifar10-32x32-uncond-vp": Entry(url=EDM_URL + "edm-cifar10-32x32-uncond-vp.pkl",    dest="cifar10/edm-cifar10-32x32-uncond-vp.safetensors",     sha256="4d5dcc1f1d0d41c8934ad21626eeddbdc0460182becf9fc059a0631b1eedb4da", size="~225 MB", kind="edm-pickle"),
+    "edm-cifar10-32x32-cond-ve":   Entry(url=EDM_URL + "edm-cifar10-32x32-cond-ve.pkl",      dest="cifar10/edm-cifar10-32x32-cond-ve.safetensors",       sha256=None, size="~225 MB", kind="edm-pickle"),
+    "edm-cifar10-32x32-uncond-ve": Entry(url=EDM_URL + "edm-cifar10-32x32-uncond-ve.pkl",    dest="cifar10/edm-cifar10-32x32-uncond-ve.safetensors",     sha256=None, size="~225 MB", kind="edm-pickle"),
+    "edm-imagenet-64x64-cond-adm": Entry(url=EDM_URL + "edm-imagenet-64x64-cond-adm.pkl",    dest="imagenet-64/edm-imagenet-64x64-cond-adm.safetensors", sha256=None, size="~1.2 GB", kind="edm-pickle"),
+    "edm2-img64-s-fid":            Entry(url=EDM2_URL + "edm2-img64-s-1073741-0.075.pkl",    dest="imagenet-64/edm2-img64-s-fid.safetensors",            sha256="044f4aeb819b2a4164b796a5f4944c4fadca5d789a13b7a72ddc079a7c7fc434", size="~560 MB", kind="edm-pickle"),
+    "edm2-img64-m-fid":            Entry(url=EDM2_URL + "edm2-img64-m-2147483-0.060.pkl",    dest="imagenet-64/edm2-img64-m-fid.safetensors",            sha256=None, size="~1.0 GB", kind="edm-pickle"),
+    "edm2-img64-l-fid":            Entry(url=EDM2_URL + "edm2-img64-l-1073741-0.040.pkl",    dest="imagenet-64/edm2-img64-l-fid.safetensors",            sha256=None, size="~1.6 GB", kind="edm-pickle"),
+    "edm2-img64-xl-fid":           Entry(url=EDM2_URL + "edm2-img64-xl-0671088-0.040.pkl",   dest="imagenet-64/edm2-img64-xl-fid.safetensors",           sha256=None, size="~2.2 GB", kind="edm-pickle"),
+    "cifar10":                     Entry(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", dest="cifar10/cifar10-32x32.zip", sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", size="170 MB", kind="dataset"),
+}
+# fmt: on
+
+TIMEOUT_S = 60  # per socket operation, not per download
+RETRIES = 5  # reconnections (each resuming where the last one stopped) before giving up
+
+
+class DownloadError(Exception):
+    """A failure the user can act on; `main` prints its message without a traceback."""
+
+
+class ChecksumError(DownloadError):
+    pass
+
+
+class UnsafePickleError(DownloadError, pickle.UnpicklingError):
+    pass
+
+
+class HubError(DownloadError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# Restricted unpickling. `find_class` is the only way a pickle can reach code: every global it names
+# is looked up in an explicit table, so nothing outside the table can be called or constructed.
+
+
+class PickledModule:
+    """A pickled torch module as plain data: its `__dict__` (`_parameters`, `_buffers`, `_modules`, ...)."""
+
+    def __setstate__(self, state):  # the pickle's BUILD step, for torch.nn.ModuleDict (not a persistent class)
+        self.state = state
+
+
+def reconstruct_persistent_obj(meta):
+    """Stands in for torch_utils.persistence._reconstruct_persistent_obj, which would `exec(meta['module_src'])`.
+
+    `meta` is {type, version, module_src, class_name, state}; only the state (the object's `__dict__`) is kept.
+    """
+    if not isinstance(meta, dict) or not isinstance(meta.get("state"), dict):
+        raise DownloadError("a persistent object without a state dict; not an EDM/EDM2 network")
+    module = PickledModule()
+    module.state = meta["state"]
+    return module
+
+
+class EasyDict(dict):
+    """dnnlib.util.EasyDict read as a plain dict (a subclass only because the pickle may BUILD it with a `__dict__`)."""
+
+
+def rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """torch._utils._rebuild_tensor_v2 without the autograd extras: a strided view of the flat storage."""
+    return storage.as_strided(size, stride, storage_offset)
+
+
+def rebuild_parameter(data, requires_grad, backward_hooks, state=None):
+    """torch._utils._rebuild_parameter(_with_state): a state dict wants the tensor, not the Parameter."""
+    return data
+
+
+# Legacy (non-zip) torch.save format, which `torch.storage._load_from_bytes` reads: five pickles in a row
+# (magic number, protocol version, sys info, the object, the list of storage keys), then for each key an
+# int64 element count and the raw little-endian bytes. In a plain pickle every storage is such a blob.
+LEGACY_MAGIC, LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
+STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+def load_storage_blob(blob, source):
+    """torch.storage._load_from_bytes without torch.load: one storage as a flat 1-D tensor."""
+    f = io.BytesIO(blob)
+    allowed = {("torch", name): dtype for name, dtype in STORAGE_DTYPES.items()}
+    magic, protocol, sys_info = (RestrictedUnpickler(f, {}, source).load() for _ in range(3))
+    if magic != LEGACY_MAGIC or protocol != LEGACY_PROTOCOL:
+        raise UnsafePickleError(f"a tensor storage in {source} is not in torch's legacy format")
+    if not sys_info.get("little_endian", False):
+        raise DownloadError(f"{source} was saved on a big-endian machine; not supported")
+    storages = {}  # key -> (dtype, element count)
+
+    def persistent_load(pid):
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise UnsafePickleError(f"unexpected persistent id {pid!r} in {source}")
+        _, dtype, key, _location, numel, view = pid
+        if view is not None:  # storage views: only written by torch < 0.4
+            raise UnsafePickleError(f"a storage view in {source}; not supported")
+        storages[key] = (dtype, numel)
+        return key
+
+    unpickler = RestrictedUnpickler(f, allowed, source)
+    unpickler.persistent_load = persistent_load
+    root = unpickler.load()
+    data = {}
+    for key in RestrictedUnpickler(f, {}, source).load():
+        dtype, numel = storages[key]
+        (count,) = struct.unpack("<q", f.read(8))
+        nbytes = count * dtype.itemsize
+        raw = f.read(nbytes)
+        if count != numel or len(raw) != nbytes:
+            raise DownloadError(f"a tensor storage in {source} is truncated or inconsistent; the file is damaged")
+        # bytearray: a writable copy, so that the tensor owns its memory.
+        data[key] = torch.frombuffer(bytearray(raw), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+    return data[root]
+
+
+# numpy scalars appear in EDM pickles because init kwargs like `init_weight=np.sqrt(0.2)` are recorded;
+# their reconstructor is numpy.core.multiarray.scalar (numpy 1) or numpy._core.multiarray.scalar (numpy 2).
+# Reading the functions off live objects avoids importing either (deprecated) module path.
+NUMPY_SCALAR = np.float64(0).__reduce__()[0]
+NUMPY_RECONSTRUCT = np.empty(0).__reduce__()[0]
+NUMPY_SCALAR_GLOBALS = {
+    ("numpy.core.multiarray", "scalar"): NUMPY_SCALAR,
+    ("numpy._core.multiarray", "scalar"): NUMPY_SCALAR,
+    ("numpy", "dtype"): np.dtype,
+}
+NUMPY_ARRAY_GLOBALS = {
+    **NUMPY_SCALAR_GLOBALS,
+    ("numpy.core.multiarray", "_reconstruct"): NUMPY_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): NUMPY_RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, allowed, source, **kwargs):
+        super().__init__(file, **kwargs)
+        self.allowed, self.source = allowed, source
+
+    def find_class(self, module, name):
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        raise UnsafePickleError(
+            f"refusing global '{module}.{name}' in {self.source}; this file is not a plain EDM/EDM2 checkpoint"
+        )
+
+
+def load_checkpoint_pickle(path):
+    """Unpickle an EDM/EDM2 network pickle into plain data: dicts, tensors and `PickledModule` records."""
+    source = Path(path).name
+    allowed = {
+        ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): rebuild_parameter,
+        ("torch.storage", "_load_from_bytes"): lambda blob: load_storage_blob(blob, source),
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): reconstruct_persistent_obj,
+        ("dnnlib.util", "EasyDict"): EasyDict,
+        ("torch.nn.modules.container", "ModuleDict"): PickledModule,
+        **NUMPY_SCALAR_GLOBALS,
+    }
+    with open(path, "rb") as f:
+        try:
+            return RestrictedUnpickler(f, allowed, source).load()
+        except UnsafePickleError:
+            raise
+        except Exception as e:  # truncated file, wrong format, a call with the wrong arguments, ...
+            raise DownloadError(f"could not read {path} as an EDM/EDM2 pickle: {type(e).__name__}: {e}") from e
+
+
+def module_state_dict(module, prefix=""):
+    """What `module.state_dict()` returns, from the pickled `__dict__`s: own parameters, then persistent
+    buffers, then each child in insertion order; None entries are skipped, as torch does."""
+    if not (isinstance(module, PickledModule) and isinstance(getattr(module, "state", None), dict)):
+        raise DownloadError(f"'{prefix.rstrip('.')}' is a {type(module).__name__}, not a pickled torch module")
+    state, out = module.state, {}
+    for name, t in state.get("_parameters", {}).items():
+        if t is not None:
+            out[prefix + name] = t
+    non_persistent = state.get("_non_persistent_buffers_set", set())
+    for name, t in state.get("_buffers", {}).items():
+        if t is not None and name not in non_persistent:
+            out[prefix + name] = t
+    for name, child in state.get("_modules", {}).items():
+        if child is not None:
+            out.update(module_state_dict(child, prefix + name + "."))
+    return out
+
+
+def pickle_to_state_dict(path):
+    """Flat {name: tensor} of the network in an EDM/EDM2 pickle: its `ema` entry, else `model`
+    (a dict of tensors is taken as a state dict as it is). 0-dim tensors become shape [1] (FastGen's layout)."""
+    net = load_checkpoint_pickle(path)
+    if isinstance(net, dict) and ("ema" in net or "model" in net):
+        net = net["ema"] if "ema" in net else net["model"]
+    if isinstance(net, PickledModule):
+        state = module_state_dict(net)
+    elif isinstance(net, dict) and net and all(isinstance(t, torch.Tensor) for t in net.values()):
+        state = net
+    else:
+        keys = f" (keys: {', '.join(map(str, net))})" if isinstance(net, dict) else ""
+        raise DownloadError(f"{path} holds no 'ema' or 'model' network and is not a state dict{keys}")
+    if not state or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise DownloadError(f"{path}: the network's parameters and buffers are missing or are not tensors")
+    return {k: t.reshape(1) if t.ndim == 0 else t for k, t in state.items()}
+
+
+@contextlib.contextmanager
+def atomic_output(dest):
+    """Yield a temporary path next to `dest`; on success fsync it and rename it onto `dest`, on failure delete it."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; outputs are ordinary shared files
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def convert_pickle(path, dest, source=None):
+    """EDM/EDM2 pickle -> safetensors at `dest` (atomic). Returns the state dict that was written."""
+    state = pickle_to_state_dict(path)
+    # Own, contiguous memory per tensor: safetensors refuses views and shared storage.
+    tensors = {k: t.contiguous().clone() for k, t in state.items()}
+    with atomic_output(dest) as tmp:
+        save_file(tensors, str(tmp), metadata={"source": source or Path(path).name, "format": "pt"})
+    return state
+
+
+# -----------------------------------------------------------------------------
+# HTTP download with resume, and checksums.
+
+
+def http_download(url, part):
+    """Download `url` into `part`, continuing a partial file; reconnects (resuming) up to RETRIES times."""
+    part = Path(part)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(RETRIES + 1):
+        try:
+            return _http_download_once(url, part)
+        except urllib.error.HTTPError as e:
+            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+            if attempt == RETRIES:
+                raise DownloadError(f"{url}: {e}; the partial download {part} is kept, run again to resume") from e
+            print(f"connection lost ({type(e).__name__}: {e}); resuming", file=sys.stderr)
+            time.sleep(2 * attempt)
+
+
+def _http_download_once(url, part):
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "nanofastgen-download"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to send: the partial file is already complete
+            return
+        raise
+    with response:
+        if have and response.status != 206:  # the server ignored Range and sends the whole file: start over
+            have = 0
+        elif have and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            raise DownloadError(f"{url}: asked for bytes {have}- but got {response.headers.get('Content-Range')}")
+        length = response.headers.get("Content-Length")
+        length = int(length) if length else None
+        got = 0
+        with open(part, "ab" if have else "wb") as f, tqdm(total=length and have + length, initial=have, unit="B", unit_scale=True, desc=part.name) as bar:  # fmt: skip
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+    # http.client ends a body that stops short of its Content-Length as if it were complete; catch that here.
+    if length is not None and got < length:
+        raise ConnectionError(f"connection closed after {have + got:,} of {have + length:,} bytes")
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_download(part, expected, url):
+    """sha256 of the finished download; on a mismatch the file is deleted and a ChecksumError raised."""
+    actual = file_sha256(part)
+    if expected and actual != expected.lower():
+        Path(part).unlink()
+        raise ChecksumError(
+            f"sha256 mismatch for {url}\n  expected {expected}\n  actual   {actual}\n"
+            f"The damaged download {part} was deleted; run the command again to fetch it afresh "
+            f"(--force also replaces an existing output). If the publisher replaced the file and you trust "
+            f"the new one, pin its digest with --sha256 {actual}."
+        )
+    return actual
+
+
+# -----------------------------------------------------------------------------
+# CIFAR-10 -> EDM dataset zip, laid out as NVlabs/edm dataset_tool.py writes it.
+
+
+def cifar10_to_zip(tarball, dest):
+    """Training batches of cifar-10-python.tar.gz -> `dest` zip: 00000/img00000000.png ... + dataset.json labels."""
+    images, labels = [], []
+    with tarfile.open(tarball, "r:gz") as tar:
+        for i in range(1, 6):
+            member = f"cifar-10-batches-py/data_batch_{i}"
+            try:
+                f = tar.extractfile(member)
+            except KeyError:
+                raise DownloadError(f"{tarball} has no {member}; not the CIFAR-10 python archive") from None
+            # Python-2 pickles of numpy arrays: allow exactly numpy's array reconstruction. latin1 is numpy's
+            # documented way to read Python-2 strings back as the bytes they were (as dataset_tool.py does).
+            batch = RestrictedUnpickler(f, NUMPY_ARRAY_GLOBALS, member, encoding="latin1").load()
+            data, batch_labels = np.asarray(batch["data"]), [int(y) for y in batch["labels"]]
+            if (
+                data.dtype != np.uint8
+                or data.shape != (len(batch_labels), 3 * 32 * 32)
+                or not all(0 <= y < 10 for y in batch_labels)
+            ):
+                raise DownloadError(f"{member} in {tarball} does not look like a CIFAR-10 batch")
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # NCHW -> NHWC
+            labels += batch_labels
+    images = np.concatenate(images)
+    entries = []
+    with atomic_output(dest) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for idx, (img, label) in enumerate(zip(tqdm(images, desc=Path(dest).name, unit="img"), labels)):
+            idx_str = f"{idx:08d}"
+            name = f"{idx_str[:5]}/img{idx_str}.png"
+            png = io.BytesIO()
+            Image.fromarray(img, "RGB").save(png, format="png", compress_level=0, optimize=False)
+            zf.writestr(name, png.getvalue())
+            entries.append([name, label])
+        zf.writestr("dataset.json", json.dumps({"labels": entries}))
+    return len(entries)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face Hub.
+
+
+def hub_download(repo_id, allow_patterns, local_dir=None, revision=None):
+    """snapshot_download with readable errors; returns the local folder.
+
+    huggingface_hub itself honours HF_HOME (cache location), HF_HUB_OFFLINE=1 and HF_TOKEN; FastGen's
+    LOCAL_FILES_ONLY=true is honoured here by passing local_files_only.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    local_only = os.environ.get("LOCAL_FILES_ONLY", "").lower() in ("1", "true", "yes")
+    licence = f"accept its licence on https://huggingface.co/{repo_id} (logged in), then set HF_TOKEN to a token of that account"
+    try:
+        return snapshot_download(
+            repo_id, allow_patterns=allow_patterns, local_dir=local_dir, revision=revision, local_files_only=local_only
+        )
+    except GatedRepoError as e:
+        raise HubError(f"{repo_id} is gated: {licence}") from e
+    except RepositoryNotFoundError as e:
+        raise HubError(
+            f"{repo_id} was not found or is not accessible: check the name; if it is private or gated, {licence}"
+        ) from e
+    except LocalEntryNotFoundError as e:
+        patterns = [allow_patterns] if isinstance(allow_patterns, str) else list(allow_patterns or [])
+        command = " ".join(
+            ["hf download", repo_id, *(f"--include '{p}'" for p in patterns)]
+            + ([f"--revision {revision}"] if revision else [])
+            + ([f"--local-dir {local_dir}"] if local_dir else [])
+        )
+        raise HubError(
+            f"{repo_id} ({', '.join(patterns) or 'all files'}) is not in {local_dir or constants.HF_HUB_CACHE} and could not be "
+            f"downloaded (HF_HUB_OFFLINE=1 or LOCAL_FILES_ONLY=true turn downloads off). Run once with network access "
+            f"and without those variables: {command}"
+        ) from e
+    except HfHubHTTPError as e:
+        if e.response is not None and e.response.status_code in (401, 403):
+            raise HubError(f"{repo_id}: access denied (HTTP {e.response.status_code}); {licence}") from e
+        raise
+
+
+# -----------------------------------------------------------------------------
+# Orchestration and CLI.
+
+
+def fetch(name, root, url=None, sha256=None, force=False):
+    """Download, verify and convert one CHECKPOINTS entry; returns the destination path."""
+    entry = CHECKPOINTS[name]
+    dest = Path(root) / entry.dest
+    if dest.exists() and not force:
+        print(f"{dest} is already there; skipping (use --force to download it again)")
+        return dest
+    url = url or entry.url
+    part = dest.parent / ((PurePosixPath(urlparse(url).path).name or dest.name) + ".part")
+    recorded = Path(f"{dest}.sha256")
+    expected = sha256 or entry.sha256 or (recorded.read_text().split()[0] if recorded.exists() else None)
+    if force:
+        part.unlink(missing_ok=True)
+    print(f"downloading {url}")
+    http_download(url, part)
+    actual = verify_download(part, expected, url)
+    print(f"sha256 {actual} " + ("matches" if expected else "(no published digest to compare with)"))
+    try:
+        if entry.kind == "dataset":
+            print(f"wrote {dest} ({cifar10_to_zip(part, dest)} images)")
+        else:
+            state = convert_pickle(part, dest, source=url)
+            prefixes = ", ".join(sorted({k.split(".")[0] for k in state}))
+            print(
+                f"wrote {dest} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values; top level: {prefixes})"
+            )
+    except UnsafePickleError:
+        part.unlink()  # refused content will never be converted; do not keep it around
+        raise
+    if not expected:
+        # Record the digest so that later downloads (and other users) can be checked against it.
+        recorded.write_text(f"{actual}  {PurePosixPath(urlparse(url).path).name}\n")
+        print(f"recorded the sha256 in {recorded}")
+    part.unlink()
+    return dest
+
+
+def print_list():
+    print(f"{'name':30} {'kind':11} {'size':9} {'sha256':8} source -> destination (under --root)")
+    for name, e in CHECKPOINTS.items():
+        print(f"{name:30} {e.kind:11} {e.size:9} {'known' if e.sha256 else 'unknown':8} {e.url} -> {e.dest}")
+    print(
+        "\nSizes are approximate. 'unknown' sha256: the digest of your download is printed and kept in <destination>.sha256."
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s NAME [--root DIR] [--url URL] [--sha256 HEX] [--force]\n"
+        "       %(prog)s convert PICKLE OUT.safetensors\n"
+        "       %(prog)s --list",
+        description="Download checkpoints and data for nanofastgen; convert EDM/EDM2 pickles to safetensors without running their code.",
+        epilog="examples:\n"
+        "  python download.py --list\n"
+        "  python download.py edm2-img64-s-fid --root /data/ckpt\n"
+        "  python download.py cifar10\n"
+        "  python download.py convert network-snapshot.pkl net.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("name", nargs="?", metavar="NAME", help="a name from --list, or 'convert'")
+    parser.add_argument(
+        "paths", nargs="*", metavar="PATH", help="for 'convert': the local pickle, then the .safetensors to write"
+    )
+    parser.add_argument(
+        "--root",
+        default=os.environ.get("CKPT_ROOT_DIR", "checkpoints"),
+        metavar="DIR",
+        help="where outputs go (default: $CKPT_ROOT_DIR, else ./checkpoints)",
+    )
+    parser.add_argument("--url", help="download from this URL instead of the official one (a mirror)")
+    parser.add_argument(
+        "--sha256",
+        metavar="HEX",
+        help="expected sha256 of the download; overrides the table and any recorded <destination>.sha256",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="download again even if the output exists; discards a partial download"
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="list every known name with its size, source and destination"
+    )
+    args = parser.parse_args(argv)
+
+    if args.list:
+        print_list()
+        return
+    if args.name is None:
+        parser.error("give a NAME (see --list) or 'convert PICKLE OUT'")
+    if args.name == "convert" and len(args.paths) != 2:
+        parser.error("convert takes two paths: PICKLE OUT.safetensors")
+    if args.name != "convert" and args.name not in CHECKPOINTS:
+        parser.error(f"unknown name {args.name!r}; see --list")
+    if args.name != "convert" and args.paths:
+        parser.error(f"unexpected arguments after {args.name}: {' '.join(args.paths)}")
+    try:
+        if args.name == "convert":
+            state = convert_pickle(args.paths[0], args.paths[1])
+            print(f"wrote {args.paths[1]} ({len(state)} tensors)")
+        else:
+            fetch(args.name, args.root, url=args.url, sha256=args.sha256, force=args.force)
+    except (DownloadError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""download.py: safe pickle conversion, resumable verified downloads, the CIFAR-10 zip, Hub errors.
+
+The tiny EDM/EDM2 pickles in tests/fixtures come from tests/generate/make_pickle_fixtures.py (the official
+code, pickled as its training loops do); the HTTP tests talk to a server started here on 127.0.0.1.
+"""
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT))
+
+import download  # noqa: E402
+
+
+def expected_state(name):
+    """The fixture's state_dict, in its original order (safetensors itself does not keep order)."""
+    with safe_open(FIXTURES / f"{name}_expected.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in json.loads(f.metadata()["key_order"])}
+
+
+def assert_same_state(got, want):
+    assert list(got) == list(want)
+    for k, t in want.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape, k
+        assert torch.equal(got[k], t), k
+
+
+def assert_written(path, name):
+    """A written safetensors file holds the fixture's tensors (its key order is the format's, not ours)."""
+    written, want = load_file(path), expected_state(name)
+    assert set(written) == set(want)
+    assert_same_state({k: written[k] for k in want}, want)
+
+
+# -----------------------------------------------------------------------------
+# Conversion
+
+
+@pytest.mark.parametrize(
+    "name, prefixes",
+    [("pickle_edm_tiny", {"model"}), ("pickle_edm2_tiny", {"unet", "logvar_fourier", "logvar_linear"})],
+)
+def test_conversion_equals_state_dict(name, prefixes, tmp_path):
+    want = expected_state(name)
+    assert {k.split(".")[0] for k in want} == prefixes
+    assert_same_state(download.pickle_to_state_dict(FIXTURES / f"{name}.pkl"), want)
+
+    out = tmp_path / "out.safetensors"
+    download.convert_pickle(FIXTURES / f"{name}.pkl", out, source="https://example.org/x.pkl")
+    assert_written(out, name)
+    with safe_open(out, "pt") as f:
+        assert f.metadata() == {"source": "https://example.org/x.pkl", "format": "pt"}
+
+
+def test_edm2_gains_become_shape_1():
+    state = download.pickle_to_state_dict(FIXTURES / "pickle_edm2_tiny.pkl")
+    gains = [k for k in state if k.endswith("_gain")]
+    assert "unet.out_gain" in gains and all(state[k].shape == (1,) for k in gains)
+
+
+class Payload:
+    """Unpickling this calls `func(*args)`: what a malicious checkpoint does."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def payloads(marker):
+    touch = ["touch", str(marker)]
+    return {
+        "os.system": Payload(os.system, f"touch {marker}"),
+        "builtins.exec": Payload(exec, f"open({str(marker)!r}, 'w').close()"),
+        "subprocess.call": Payload(subprocess.call, touch),
+        "subprocess.Popen": Payload(subprocess.Popen, touch),
+        # Hidden where a network would be, next to harmless entries.
+        "nested in ema": {"ema": Payload(os.system, f"touch {marker}"), "loss_fn": None},
+    }
+
+
+@pytest.mark.parametrize("kind", list(payloads("x")))
+def test_malicious_pickle_is_refused(kind, tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(payloads(marker)[kind]))
+    with pytest.raises(
+        download.UnsafePickleError,
+        match=r"refusing global '.+' in evil\.pkl; this file is not a plain EDM/EDM2 checkpoint",
+    ):
+        download.pickle_to_state_dict(path)
+    assert not marker.exists()
+
+
+def test_malicious_storage_blob_is_refused(tmp_path):
+    """The inner torch.save blob that `_load_from_bytes` receives is unpickled under the same rules."""
+    marker = tmp_path / "pwned"
+    blob = b"".join(
+        pickle.dumps(x, protocol=2) for x in (download.LEGACY_MAGIC, download.LEGACY_PROTOCOL, {"little_endian": True})
+    )
+    blob += pickle.dumps(Payload(os.system, f"touch {marker}"), protocol=2)
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"ema": Payload(torch.storage._load_from_bytes, blob)}))
+    with pytest.raises(download.UnsafePickleError, match="refusing global"):
+        download.pickle_to_state_dict(path)
+    assert not marker.exists()
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "download.py"), *args], capture_output=True, text=True, timeout=120, **kwargs
+    )
+
+
+def test_convert_cli_refuses_and_writes_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(Payload(os.system, f"touch {marker}")))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = run_cli("convert", str(path), str(out_dir / "net.safetensors"))
+    assert result.returncode != 0
+    assert "refusing global" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists() and list(out_dir.iterdir()) == []
+
+
+# -----------------------------------------------------------------------------
+# HTTP: a local server that can cut the connection, ignore Range, and records what it was asked.
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    timeout = 10  # seconds a connection may idle; keeps a broken client from hanging the test
+
+    def do_GET(self):
+        srv = self.server
+        srv.ranges.append(self.headers.get("Range"))
+        body = srv.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        if self.headers.get("Range") and srv.honor_range:
+            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        data = body[start:]
+        if srv.cut_after is not None:  # once: send part of the body, then drop the connection
+            data, srv.cut_after = data[: srv.cut_after], None
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setattr(download, "TIMEOUT_S", 10)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.files, srv.ranges, srv.cut_after, srv.honor_range = {}, [], None, True
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+EDM_PKL = (FIXTURES / "pickle_edm_tiny.pkl").read_bytes()
+EDM_NAME = "edm-cifar10-32x32-cond-vp"  # no published digest: the download's digest gets recorded
+EDM_DEST = Path(download.CHECKPOINTS[EDM_NAME].dest)
+
+
+def test_download_and_convert_cli(server, tmp_path):
+    server.files["/edm.pkl"] = EDM_PKL
+    result = run_cli(EDM_NAME, "--root", str(tmp_path), "--url", server.url + "/edm.pkl")
+    assert result.returncode == 0, result.stderr
+    dest = tmp_path / EDM_DEST
+    assert_written(dest, "pickle_edm_tiny")
+    digest = hashlib.sha256(EDM_PKL).hexdigest()
+    assert digest in result.stdout
+    assert Path(f"{dest}.sha256").read_text() == f"{digest}  edm.pkl\n"
+    # No .part and no temporary files left behind.
+    assert sorted(p.name for p in dest.parent.iterdir()) == sorted([dest.name, f"{dest.name}.sha256"])
+
+
+def test_existing_output_is_skipped_unless_forced(server, tmp_path):
+    server.files["/edm.pkl"] = EDM_PKL
+    dest = tmp_path / EDM_DEST
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"old")
+    download.fetch(EDM_NAME, tmp_path, url=server.url + "/edm.pkl")
+    assert dest.read_bytes() == b"old" and server.ranges == []
+    download.fetch(EDM_NAME, tmp_path, url=server.url + "/edm.pkl", force=True)
+    assert_written(dest, "pickle_edm_tiny")
+
+
+def test_resume_after_cut_connection(server, tmp_path):
+    server.files["/edm.pkl"] = EDM_PKL
+    server.cut_after = 10_000
+    download.fetch(EDM_NAME, tmp_path, url=server.url + "/edm.pkl", sha256=hashlib.sha256(EDM_PKL).hexdigest())
+    assert server.ranges == [None, "bytes=10000-"]
+    assert_written(tmp_path / EDM_DEST, "pickle_edm_tiny")
+
+
+def test_server_ignoring_range_restarts_from_scratch(server, tmp_path):
+    server.files["/edm.pkl"] = EDM_PKL
+    server.honor_range = False
+    part = tmp_path / EDM_DEST.parent / "edm.pkl.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x" * 5000)  # a stale partial file that must not end up in the result
+    download.fetch(EDM_NAME, tmp_path, url=server.url + "/edm.pkl", sha256=hashlib.sha256(EDM_PKL).hexdigest())
+    assert server.ranges == ["bytes=5000-"]
+    assert_written(tmp_path / EDM_DEST, "pickle_edm_tiny")
+
+
+def test_complete_partial_file_is_not_downloaded_again(server, tmp_path):
+    server.files["/edm.pkl"] = EDM_PKL
+    part = tmp_path / EDM_DEST.parent / "edm.pkl.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(EDM_PKL)
+    download.fetch(EDM_NAME, tmp_path, url=server.url + "/edm.pkl", sha256=hashlib.sha256(EDM_PKL).hexdigest())
+    assert server.ranges == [f"bytes={len(EDM_PKL)}-"]  # answered 416: nothing left to send
+    assert (tmp_path / EDM_DEST).exists() and not part.exists()
+
+
+def test_checksum_mismatch_leaves_nothing(server, tmp_path):
+    server.files["/edm.pkl"] = EDM_PKL
+    wrong = "0" * 64
+    with pytest.raises(download.ChecksumError) as info:
+        download.fetch(EDM_NAME, tmp_path, url=server.url + "/edm.pkl", sha256=wrong)
+    message = str(info.value)
+    assert wrong in message and hashlib.sha256(EDM_PKL).hexdigest() in message and "--force" in message
+    assert not (tmp_path / EDM_DEST).exists() and list((tmp_path / EDM_DEST.parent).iterdir()) == []
+
+
+def test_recorded_digest_checks_later_downloads(server, tmp_path):
+    server.files["/edm.pkl"] = EDM_PKL
+    download.fetch(EDM_NAME, tmp_path, url=server.url + "/edm.pkl")
+    server.files["/edm.pkl"] = (FIXTURES / "pickle_edm2_tiny.pkl").read_bytes()  # the "same" file, changed
+    with pytest.raises(download.ChecksumError, match=hashlib.sha256(EDM_PKL).hexdigest()):
+        download.fetch(EDM_NAME, tmp_path, url=server.url + "/edm.pkl", force=True)
+    assert_written(tmp_path / EDM_DEST, "pickle_edm_tiny")  # the earlier output is intact
+
+
+def test_http_error_is_clear(server, tmp_path):
+    with pytest.raises(download.DownloadError, match="HTTP 404"):
+        download.fetch(EDM_NAME, tmp_path, url=server.url + "/missing.pkl")
+
+
+def test_list_prints_every_name(capsys):
+    download.main(["--list"])
+    out = capsys.readouterr().out
+    for name, entry in download.CHECKPOINTS.items():
+        assert name in out and entry.url in out and entry.dest in out
+
+
+# -----------------------------------------------------------------------------
+# CIFAR-10
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 wrote its str (BINSTRING), as in the real cifar-10-python.tar.gz batches."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        header = (
+            pickle.SHORT_BINSTRING + bytes([len(obj)])
+            if len(obj) < 256
+            else pickle.BINSTRING + struct.pack("<i", len(obj))
+        )
+        self.write(header + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+
+def fake_cifar_tarball(path, per_batch=2):
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(1, 6):
+            data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+            batch_labels = [int(y) for y in rng.integers(0, 10, size=per_batch)]
+            batch = {
+                b"batch_label": f"training batch {i} of 5".encode(),
+                b"labels": batch_labels,
+                b"data": data,
+                b"filenames": [b"x.png"] * per_batch,
+            }
+            buf = io.BytesIO()
+            Py2Pickler(buf, protocol=2).dump(batch)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{i}")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels += batch_labels
+    return np.concatenate(images), labels
+
+
+def test_cifar10_zip(server, tmp_path):
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    images, labels = fake_cifar_tarball(tarball)
+    server.files["/cifar-10-python.tar.gz"] = tarball.read_bytes()
+    root = tmp_path / "root"
+    dest = download.fetch(
+        "cifar10",
+        root,
+        url=server.url + "/cifar-10-python.tar.gz",
+        sha256=hashlib.sha256(tarball.read_bytes()).hexdigest(),
+    )
+    assert dest == root / "cifar10" / "cifar10-32x32.zip"
+    names = [f"00000/img{i:08d}.png" for i in range(10)]
+    with zipfile.ZipFile(dest) as zf:
+        assert sorted(zf.namelist()) == sorted(names + ["dataset.json"])
+        assert all(info.compress_type == zipfile.ZIP_STORED for info in zf.infolist())
+        assert json.loads(zf.read("dataset.json")) == {"labels": [[n, y] for n, y in zip(names, labels)]}
+        for n, img in zip(names, images):
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(zf.read(n)))), img)
+    assert list(dest.parent.iterdir()) == [dest]  # the tarball's .part is gone
+
+
+def test_cifar10_batches_only_allow_numpy(tmp_path):
+    marker = tmp_path / "pwned"
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        blob = pickle.dumps(Payload(os.system, f"touch {marker}"))
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(blob)
+        tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(download.UnsafePickleError, match="refusing global"):
+        download.cifar10_to_zip(tarball, tmp_path / "out.zip")
+    assert not marker.exists() and not (tmp_path / "out.zip").exists()
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face Hub
+
+
+def test_hub_offline_missing_and_cached(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("LOCAL_FILES_ONLY", "true")
+    with pytest.raises(download.HubError) as info:
+        download.hub_download("org/tiny", ["*.safetensors"])
+    message = str(info.value)
+    assert (
+        "org/tiny" in message
+        and str(tmp_path) in message
+        and "hf download org/tiny --include '*.safetensors'" in message
+    )
+
+    commit = "a" * 40
+    repo = tmp_path / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "model.safetensors").write_bytes(b"")
+    assert Path(download.hub_download("org/tiny", ["*.safetensors"])) == repo / "snapshots" / commit
+
+
+def test_hub_gated_repo_message(monkeypatch):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(*args, **kwargs):
+        response = httpx2.Response(401, request=httpx2.Request("GET", "https://huggingface.co/api/models/org/gated"))
+        raise GatedRepoError("Access to model org/gated is restricted.", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    with pytest.raises(
+        download.HubError,
+        match=r"org/gated is gated: accept its licence on https://huggingface.co/org/gated .*HF_TOKEN",
+    ):
+        download.hub_download("org/gated", ["*.json"])
