@@ -266,7 +266,12 @@ class Conv2d(nn.Module):
         f = None if self.resample_filter is None else self.resample_filter.to(x.dtype)
         w_pad = 0 if w is None else w.shape[-1] // 2
         f_pad = 0 if f is None else (f.shape[-1] - 1) // 2
-        if self.up:
+        # The [1, 1] filter (DDPM++, ADM) is a 2x2 box: resampling by it is exactly nearest-neighbour upsampling and
+        # 2x2 average pooling, which cost far less than the grouped (transposed) convolutions of the general case.
+        box = f is not None and f.shape[-1] == 2
+        if self.up and box:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        elif self.up:
             x = F.conv_transpose2d(
                 x, f.mul(4).tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2, padding=f_pad
             )
@@ -274,7 +279,9 @@ class Conv2d(nn.Module):
             x = F.conv2d(x, w, padding=w_pad + f_pad)
             x = F.conv2d(x, f.tile(self.out_channels, 1, 1, 1), groups=self.out_channels, stride=2)
             return x if b is None else x + b.reshape(1, -1, 1, 1)
-        if self.down:
+        if self.down and box:
+            x = F.avg_pool2d(x, 2)
+        elif self.down:
             x = F.conv2d(x, f.tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2, padding=f_pad)
         return x if w is None else F.conv2d(x, w, b, padding=w_pad)
 
@@ -641,6 +648,11 @@ class DhariwalUNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(x))), features, t_emb  # (B, C_img, H, W)
 
 
+def _batch_times(t, x):
+    """A time given as a scalar or (B,) -> (B,) float64: the preconditioning divides by it (sigma spans 0.002..80)."""
+    return torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
+
+
 class EDMPrecond(nn.Module):
     """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM Eq. 7, Table 1), around a SongUNet or DhariwalUNet."""
 
@@ -662,25 +674,16 @@ class EDMPrecond(nn.Module):
         return class_labels.to(x.dtype).reshape(-1, self.cfg.label_dim)
 
     def _run(self, x, t, class_labels, r, augment_labels, feature_indices, features_only):
-        sd = self.cfg.sigma_data
-        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
+        """The network F on preconditioned inputs: c_in x and c_noise = ln(sigma) / 4 (EDM Table 1)."""
+        t = _batch_times(t, x)
+        r = None if r is None else _batch_times(r, x)
         if self.cfg.precond:
-            c_in = (1 / (sd**2 + t**2).sqrt()).to(x.dtype).reshape(-1, 1, 1, 1)
-            c_noise = t.clamp(min=1e-6).log() / 4
-            r_noise = (
-                None
-                if r is None
-                else torch.as_tensor(r, dtype=torch.float64, device=x.device).expand(x.shape[0]).clamp(min=1e-6).log()
-                / 4
-            )
-        else:
-            c_in, c_noise = 1, t
-            r_noise = None if r is None else torch.as_tensor(r, dtype=torch.float64, device=x.device).expand(x.shape[0])
-        r_noise = None if r_noise is None else r_noise.to(x.dtype)
+            x = x * (1 / (self.cfg.sigma_data**2 + t**2).sqrt()).to(x.dtype).reshape(-1, 1, 1, 1)
+            t = t.clamp(min=1e-6).log() / 4
+            r = None if r is None else r.clamp(min=1e-6).log() / 4
+        r = None if r is None else r.to(x.dtype)
         labels = self._labels(class_labels, x)
-        return self.model(
-            c_in * x, c_noise.to(x.dtype), labels, augment_labels, r_noise, feature_indices, features_only
-        )
+        return self.model(x, t.to(x.dtype), labels, augment_labels, r, feature_indices, features_only)
 
     def forward(self, x, t, class_labels=None, r=None, augment_labels=None, feature_indices=(), return_logvar=False):
         """x: (B, C, H, W) noisy image, t: (B,) noise level sigma, class_labels: (B,) ints or (B, label_dim) one-hot.
@@ -689,14 +692,12 @@ class EDMPrecond(nn.Module):
         `feature_indices` also the list of encoder features at those resolution levels (0 = full resolution).
         """
         F_x, features, t_emb = self._run(x, t, class_labels, r, augment_labels, feature_indices, False)
-        if self.cfg.precond:
-            sd = self.cfg.sigma_data
-            t64 = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0]).reshape(-1, 1, 1, 1)
-            c_skip = (sd**2 / (t64**2 + sd**2)).to(x.dtype)
-            c_out = (t64 * sd / (t64**2 + sd**2).sqrt()).to(x.dtype)
-            out = c_skip * x + c_out * F_x.to(x.dtype)
-        else:
-            out = F_x.to(x.dtype)
+        out = F_x.to(x.dtype)
+        if self.cfg.precond:  # D = c_skip x + c_out F (EDM Eq. 7)
+            sd, t = self.cfg.sigma_data, _batch_times(t, x).reshape(-1, 1, 1, 1)
+            c_skip = (sd**2 / (t**2 + sd**2)).to(x.dtype)
+            c_out = (t * sd / (t**2 + sd**2).sqrt()).to(x.dtype)
+            out = c_skip * x + c_out * out
         extras = []
         if feature_indices:
             extras.append(features)
