@@ -306,13 +306,17 @@ def atomic_output(dest):
         raise
 
 
-def convert_pickle(path, dest, source=None):
-    """EDM/EDM2 pickle -> safetensors at `dest` (atomic). Returns the state dict that was written."""
+def convert_pickle(path, dest, source=None, name=None):
+    """EDM/EDM2 pickle -> safetensors at `dest` (atomic). Returns the state dict that was written.
+
+    `name` (a CONFIGS name of models/edm.py or models/edm2.py) goes into the metadata, so that the model file's
+    `from_pretrained(path)` knows the architecture without being told."""
     state = pickle_to_state_dict(path)
     # Own, contiguous memory per tensor: safetensors refuses views and shared storage.
     tensors = {k: t.contiguous().clone() for k, t in state.items()}
     with atomic_output(dest) as tmp:
-        save_file(tensors, str(tmp), metadata={"source": source or Path(path).name, "format": "pt"})
+        metadata = {"source": source or Path(path).name, "format": "pt", **({"name": name} if name else {})}
+        save_file(tensors, str(tmp), metadata=metadata)
     return state
 
 
@@ -495,7 +499,7 @@ def fetch(name, root, url=None, sha256=None, force=False):
         if entry.kind == "dataset":
             print(f"wrote {dest} ({cifar10_to_zip(part, dest)} images)")
         else:
-            state = convert_pickle(part, dest, source=url)
+            state = convert_pickle(part, dest, source=url, name=name)
             prefixes = ", ".join(sorted({k.split(".")[0] for k in state}))
             print(
                 f"wrote {dest} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values; top level: {prefixes})"
@@ -523,7 +527,7 @@ def print_list():
 def main(argv=None):
     parser = argparse.ArgumentParser(
         usage="%(prog)s NAME [--root DIR] [--url URL] [--sha256 HEX] [--force]\n"
-        "       %(prog)s convert PICKLE OUT.safetensors\n"
+        "       %(prog)s convert PICKLE OUT.safetensors [--as NAME]\n"
         "       %(prog)s --list",
         description="Download checkpoints and data for nanofastgen; convert EDM/EDM2 pickles to safetensors without running their code.",
         epilog="examples:\n"
@@ -544,6 +548,12 @@ def main(argv=None):
         help="where outputs go (default: $CKPT_ROOT_DIR, else ./checkpoints)",
     )
     parser.add_argument("--url", help="download from this URL instead of the official one (a mirror)")
+    parser.add_argument(
+        "--as",
+        dest="as_name",
+        metavar="NAME",
+        help="for 'convert': the architecture's name in --list, recorded so `from_pretrained(OUT)` can build it",
+    )
     parser.add_argument(
         "--sha256",
         metavar="HEX",
@@ -570,7 +580,7 @@ def main(argv=None):
         parser.error(f"unexpected arguments after {args.name}: {' '.join(args.paths)}")
     try:
         if args.name == "convert":
-            state = convert_pickle(args.paths[0], args.paths[1])
+            state = convert_pickle(args.paths[0], args.paths[1], name=args.as_name)
             print(f"wrote {args.paths[1]} ({len(state)} tensors)")
         else:
             fetch(args.name, args.root, url=args.url, sha256=args.sha256, force=args.force)

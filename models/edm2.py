@@ -680,8 +680,9 @@ def from_pretrained(name_or_path, root=None, device="cpu", dtype=torch.float32, 
     """Build an EDM2Precond and load its weights.
 
     `name_or_path`: a name in CONFIGS (the file is looked up under `root`, default `$CKPT_ROOT_DIR` or ./checkpoints,
-    where `python download.py NAME` puts it), or a path to a .safetensors file whose metadata holds the config (what
-    `train_edm.py` writes). `overrides` change Config fields, e.g. `r_timestep=True` or `label_dropout=0.1`.
+    where `python download.py NAME` puts it), or a path to a .safetensors file whose metadata names its architecture
+    (the config written by `train_edm.py`, or the CONFIGS name written by `download.py`). `overrides` change Config
+    fields, e.g. `r_timestep=True` or `label_dropout=0.1`.
     """
     if name_or_path in CONFIGS:
         cfg = CONFIGS[name_or_path]
@@ -694,9 +695,15 @@ def from_pretrained(name_or_path, root=None, device="cpu", dtype=torch.float32, 
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found, and it is not a known model name ({', '.join(CONFIGS)})")
         meta = _read_safetensors(path)[1]
-        if "config" not in meta:
-            raise ValueError(f"{path} carries no config in its metadata; pass a CONFIGS name for its architecture")
-        cfg = config_from_json(meta["config"])
+        if "config" in meta:  # written by train_edm.py
+            cfg = config_from_json(meta["config"])
+        elif meta.get("name") in CONFIGS:  # written by download.py
+            cfg = CONFIGS[meta["name"]]
+        else:
+            raise ValueError(
+                f"{path} names no architecture in its metadata; convert it with "
+                f"`python download.py convert PICKLE OUT.safetensors --as NAME`, NAME one of {', '.join(CONFIGS)}"
+            )
     cfg = replace(cfg, **overrides)
     with torch.device("meta"):
         model = EDM2Precond(cfg)

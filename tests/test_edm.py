@@ -206,8 +206,11 @@ def test_from_pretrained_by_name_and_by_path(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="python download.py edm-cifar10-32x32-cond-vp"):
         edm.from_pretrained("edm-cifar10-32x32-cond-vp", root=str(tmp_path))
     save_file(weights, str(tmp_path / "bare.safetensors"))
-    with pytest.raises(ValueError, match="no config in its metadata"):
+    with pytest.raises(ValueError, match="names no architecture"):
         edm.from_pretrained(str(tmp_path / "bare.safetensors"))
+    # A converted official checkpoint names its CONFIGS entry (download.py convert --as NAME).
+    save_file(weights, str(tmp_path / "converted.safetensors"), metadata={"name": "tiny-adm"})
+    assert edm.from_pretrained(str(tmp_path / "converted.safetensors")).cfg == cfg
 
 
 # ----------------------------------------------------------------------------
