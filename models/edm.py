@@ -65,6 +65,7 @@ CONFIGS = {
     "edm-cifar10-32x32-cond-ve":   Config(**_NCSNPP, url=_EDM_URL + "edm-cifar10-32x32-cond-ve.pkl", file="cifar10/edm-cifar10-32x32-cond-ve.safetensors"),
     "edm-cifar10-32x32-uncond-ve": Config(**dict(_NCSNPP, label_dim=0), url=_EDM_URL + "edm-cifar10-32x32-uncond-ve.pkl", file="cifar10/edm-cifar10-32x32-uncond-ve.safetensors"),
     "edm-imagenet-64x64-cond-adm": Config(arch="adm", img_resolution=64, label_dim=1000, augment_dim=0, model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8), url=_EDM_URL + "edm-imagenet-64x64-cond-adm.pkl", file="imagenet-64/edm-imagenet-64x64-cond-adm.safetensors"),
+    "toy":                         Config(img_resolution=32, augment_dim=0, model_channels=32, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(8,)),
     "tiny":                        Config(img_resolution=8, model_channels=16, channel_mult=(1, 2), num_blocks=2, attn_resolutions=(4,)),
 }
 # fmt: on

@@ -1,0 +1,721 @@
+"""Train and distill the class-conditional image family (EDM, EDM2): fine-tuning and the consistency family.
+
+    python train_edm.py                                                    # embedded default: toy teacher -> 1 step
+    python train_edm.py --method sft --data toy --tiny --max_steps 20      # any method, seconds on a CPU
+    python download.py cifar10 && python download.py edm-cifar10-32x32-uncond-vp
+    python train_edm.py --preset sct-cifar10                               # one GPU (accumulates to the global batch)
+    torchrun --nproc_per_node=8 train_edm.py --preset cm-cifar10           # one node
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
+        train_edm.py --preset scd-cifar10                                  # several nodes
+
+Methods (the loss of each is written out below, with its paper's equations):
+  sft       denoising score matching, fine-tuning a teacher or training from scratch (EDM Eq. 2)
+  cm        consistency training / distillation with ECT's shrinking t-r gap (Geng et al. 2024)
+  scm       continuous-time consistency (sCT, or sCD with --cd) in TrigFlow (Lu & Song 2024)
+  tcm       truncated consistency, stage two against a frozen stage-one CM (Lee et al. 2025)
+  meanflow  average-velocity model u(z, r, t) trained with the MeanFlow identity (Geng et al. 2025)
+
+Outputs in --out_dir: metrics.jsonl, samples/step_NNNNNNN.png, checkpoints ckpt_NNNNNNN/ (student.safetensors,
+ema_*.safetensors, state.pt with optimizer state, args.json). --resume continues from the newest checkpoint exactly.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from models import edm, edm2
+
+MODELS = {"edm": (edm, edm.EDMPrecond), "edm2": (edm2, edm2.EDM2Precond)}
+
+# Named presets: FastGen's CIFAR-10 / ImageNet-64 experiment configs (reference/methods.md §7.0-7.8) as flag defaults.
+PRESETS = {
+    "sft-cifar10": dict(method="sft", teacher="edm-cifar10-32x32-cond-vp", data="cifar10", optimizer="adam", lr=2e-5, t_sampler="lognormal", p_mean=-1.2, p_std=1.2, batch_size=512, max_steps=100_000, ema="power:6.94,power:16.97", dropout=0.13, grad_clip=10.0),
+    "cm-cifar10": dict(method="cm", teacher="edm-cifar10-32x32-uncond-vp", data="cifar10", optimizer="radam", lr=1e-4, t_sampler="lognormal", p_mean=-1.1, p_std=2.0, batch_size=512, max_steps=350_000, dropout=0.2, ct_q=2.0, ct_kimg_per_stage=6400),
+    "sct-cifar10": dict(method="scm", teacher="edm-cifar10-32x32-uncond-vp", data="cifar10", optimizer="radam", lr=1e-4, beta2=0.99, t_sampler="lognormal", p_mean=-1.0, p_std=1.4, t_max=800.0, batch_size=512, max_steps=350_000, dropout=0.2, tangent_warmup_steps=10_000),
+    "scd-cifar10": dict(method="scm", cd=True, teacher="edm-cifar10-32x32-uncond-vp", data="cifar10", optimizer="radam", lr=1e-4, beta2=0.99, t_sampler="lognormal", p_mean=-1.0, p_std=1.4, batch_size=512, max_steps=500_000, dropout=0.0, tangent_warmup_steps=10_000),
+    "tcm-cifar10": dict(method="tcm", teacher="edm-cifar10-32x32-uncond-vp", data="cifar10", optimizer="radam", lr=5e-5, t_sampler="log_t", p_mean=0.0, p_std=0.2, batch_size=1024, max_steps=300_000, dropout=0.2, ct_q=2.0, ct_kimg_per_stage=1000),
+    "meanflow-cifar10": dict(method="meanflow", teacher="", arch="edm-cifar10-32x32-uncond-vp", data="cifar10", optimizer="adam", lr=6e-4, warmup_steps=9765, t_sampler="lognormal", p_mean=-0.6, p_std=1.6, batch_size=1024, max_steps=1_000_000, dropout=0.2),
+    "cm-imagenet64-edm2": dict(method="cm", model="edm2", teacher="edm2-img64-s-fid", data="datasets/img64.zip", optimizer="adam", lr=1e-3, lr_decay_steps=2000, t_sampler="lognormal", p_mean=-0.8, p_std=1.6, huber_c=0.06, cm_weighting="c_out_sq", ct_q=4.0, ct_kimg_per_stage=3200, ct_ratio_limit=0.9961, batch_size=2048, max_steps=200_000, dropout=0.4, precision="bf16"),
+    "scd-imagenet64-edm2": dict(method="scm", cd=True, model="edm2", teacher="edm2-img64-s-fid", data="datasets/img64.zip", optimizer="adam", lr=7e-5, beta2=0.99, adam_eps=1e-11, lr_decay_steps=35_000, t_sampler="lognormal", p_mean=-1.0, p_std=1.6, batch_size=1024, max_steps=200_000, grad_clip=10.0, precision="bf16"),
+    "toy": dict(method="scm", cd=True, teacher="assets/toy_teacher.safetensors", data="toy", optimizer="radam", lr=2e-4, beta2=0.99, t_sampler="lognormal", p_mean=-1.0, p_std=1.4, batch_size=64, max_steps=600, ema="0.99", tangent_warmup_steps=100, eval_every=300, save_every=600, num_threads=2),
+}  # fmt: skip
+
+# fmt: off
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="presets (flag defaults; explicit flags win):\n" + "\n".join(f"  {k:20s} {' '.join(f'--{a}={v}' for a, v in p.items())}" for k, p in PRESETS.items()))
+parser.add_argument("--preset", choices=sorted(PRESETS), default="", help="named flag defaults (see below); without --preset and --method: toy")
+parser.add_argument("--method", choices=["sft", "cm", "scm", "tcm", "meanflow"], default=None, help="default sft")
+# models and data
+parser.add_argument("--model", choices=sorted(MODELS), default="edm", help="model file: edm (SongUNet/ADM) or edm2")
+parser.add_argument("--teacher", default="", help="CONFIGS name or .safetensors: the pretrained net (student init, and teacher with --cd)")
+parser.add_argument("--arch", default="", help="CONFIGS name whose architecture a from-scratch student uses (when --teacher is empty)")
+parser.add_argument("--stage1", default="", help="tcm: the stage-one CM student (.safetensors written by --method cm)")
+parser.add_argument("--data", default="toy", help="toy | cifar10 (download.py cifar10) | PATH to an EDM-style zip or folder of PNGs")
+parser.add_argument("--data_root", default=None, help="where 'cifar10' is looked up (default $CKPT_ROOT_DIR or ./checkpoints)")
+parser.add_argument("--uncond", action="store_true", help="ignore class labels (forced when the network has label_dim 0)")
+parser.add_argument("--xflip", action="store_true", help="random horizontal flips of the data")
+parser.add_argument("--tiny", action="store_true", help="tiny random networks and batches: checks the code path in seconds")
+parser.add_argument("--dropout", type=float, default=None, help="student dropout (default: the architecture's)")
+parser.add_argument("--label_dropout", type=float, default=0.0, help="student class-label dropout (enables guidance)")
+# optimisation
+parser.add_argument("--batch_size", type=int, default=64, help="global batch; gradient accumulation makes up the rest")
+parser.add_argument("--micro_batch", type=int, default=0, help="per-process batch per forward (0 = batch_size / world)")
+parser.add_argument("--max_steps", type=int, default=1000)
+parser.add_argument("--optimizer", choices=["adam", "adamw", "radam"], default="radam")
+parser.add_argument("--lr", type=float, default=1e-4)
+parser.add_argument("--beta1", type=float, default=0.9)
+parser.add_argument("--beta2", type=float, default=0.999)
+parser.add_argument("--adam_eps", type=float, default=1e-8)
+parser.add_argument("--weight_decay", type=float, default=0.0)
+parser.add_argument("--warmup_steps", type=int, default=0, help="linear lr warm-up")
+parser.add_argument("--lr_decay_steps", type=int, default=0, help="inverse-sqrt decay after this many steps (EDM2), 0 = constant")
+parser.add_argument("--grad_clip", type=float, default=1e6, help="max gradient norm (non-finite entries are zeroed first)")
+parser.add_argument("--ema", default="0.9999", help="comma list of EMA rates: a constant beta, or power:GAMMA (EDM2's power EMA)")
+parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (JVPs stay fp32)")
+# noise levels and method knobs
+parser.add_argument("--t_sampler", choices=["polynomial", "lognormal", "log_t", "uniform"], default="lognormal")
+parser.add_argument("--p_mean", type=float, default=-1.2)
+parser.add_argument("--p_std", type=float, default=1.2)
+parser.add_argument("--t_max", type=float, default=80.0, help="largest training noise level (sCT uses 800)")
+parser.add_argument("--edm_weighting", action="store_true", help="sft: EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2")
+parser.add_argument("--cd", action="store_true", help="cm/scm/tcm/meanflow: distil from the teacher instead of the data alone")
+parser.add_argument("--guidance", type=float, default=1.0, help="teacher classifier-free guidance in --cd targets")
+parser.add_argument("--ct_q", type=float, default=2.0, help="cm/tcm: ECT gap schedule, ratio = 1 - q^-(stage+1)")
+parser.add_argument("--ct_kimg_per_stage", type=float, default=6400, help="cm/tcm: thousands of images per stage")
+parser.add_argument("--ct_ratio_limit", type=float, default=0.999)
+parser.add_argument("--huber_c", type=float, default=1e-8, help="cm/tcm: pseudo-Huber constant of the distance")
+parser.add_argument("--cm_weighting", choices=["default", "c_out", "c_out_sq", "sigma_sq", "sqrt", "one"], default="default")
+parser.add_argument("--tangent_warmup_steps", type=int, default=10_000, help="scm: ramp of the tangent's second term")
+parser.add_argument("--jvp", choices=["exact", "fd"], default="exact", help="scm/meanflow: torch.func.jvp or finite differences")
+parser.add_argument("--fd_eps", type=float, default=1e-3, help="relative step of the finite-difference JVP")
+parser.add_argument("--transition_t", type=float, default=1.0, help="tcm: noise level where stage two takes over")
+parser.add_argument("--boundary_prob", type=float, default=0.25, help="tcm: share of samples placed at the boundary")
+parser.add_argument("--w_boundary", type=float, default=0.1, help="tcm: weight of the boundary loss")
+parser.add_argument("--r_p_mean", type=float, default=-4.0, help="meanflow: ln r ~ N(r_p_mean, r_p_std^2)")
+parser.add_argument("--r_p_std", type=float, default=1.6)
+parser.add_argument("--r_ratio", type=float, default=0.75, help="meanflow: share of samples with r < t (the rest r = t)")
+parser.add_argument("--mf_norm_p", type=float, default=0.75, help="meanflow: adaptive weight 1 / (err + c)^p")
+parser.add_argument("--mf_norm_c", type=float, default=1e-3)
+# evaluation, checkpoints, logging
+parser.add_argument("--student_steps", type=int, default=1, help="sampling steps of the student in evaluations")
+parser.add_argument("--eval_every", type=int, default=500, help="sample grid (and toy FID on toy data) every N steps")
+parser.add_argument("--eval_n", type=int, default=1000, help="samples per toy-FID evaluation")
+parser.add_argument("--save_every", type=int, default=1000)
+parser.add_argument("--out_dir", default="out/train_edm")
+parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out_dir")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+parser.add_argument("--wandb", default="", help="also log to this wandb project (if wandb is installed)")
+# fmt: on
+
+
+def parse_args(argv=None):
+    """Flags over the preset over argparse defaults. With neither --preset nor --method, the 'toy' preset applies."""
+    known = parser.parse_known_args(argv)[0]
+    preset = known.preset or ("" if known.method else "toy")
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
+    args.preset = preset
+    if args.tiny:  # the same code path at CPU size
+        args.batch_size, args.eval_n = min(args.batch_size, 8), min(args.eval_n, 16)
+    return args
+
+
+# ----------------------------------------------------------------------------
+# Data: images in [-1, 1] as (B, C, H, W), labels as int64 (B,) or None.
+
+
+class ImageDataset:
+    """An EDM-style dataset: a zip or folder of PNGs with optional `dataset.json` {"labels": [[name, class], ...]}."""
+
+    def __init__(self, path):
+        import zipfile
+
+        self.zip = zipfile.ZipFile(path) if os.path.isfile(path) else None
+        names = self.zip.namelist() if self.zip else [os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/") for d, _, fs in os.walk(path) for f in fs]  # fmt: skip
+        self.path, self.names = path, sorted(n for n in names if n.lower().endswith(".png"))
+        if not self.names:
+            raise ValueError(f"{path} holds no PNG images; expected an EDM-style zip or folder (see download.py)")
+        self.labels = None
+        if "dataset.json" in names:
+            meta = json.loads(self._read("dataset.json"))
+            if meta.get("labels"):
+                table = dict(meta["labels"])
+                self.labels = torch.tensor([table[n] for n in self.names])
+
+    def _read(self, name):
+        if self.zip:
+            return self.zip.read(name)
+        with open(os.path.join(self.path, name), "rb") as f:
+            return f.read()
+
+    def __getitem__(self, i):
+        import io
+
+        img = np.asarray(Image.open(io.BytesIO(self._read(self.names[i]))).convert("RGB"))
+        return torch.from_numpy(img).permute(2, 0, 1)
+
+    def __len__(self):
+        return len(self.names)
+
+
+def rng_seed(*parts):
+    """A seed that is a fixed function of integers (Python's hash() of strings changes from run to run)."""
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + p) % 2**63
+    return seed
+
+
+def get_rng(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng(state, device):
+    """Rewind the random generators, so that a second pass draws the same dropout masks as the first."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def make_data(args):
+    """A function (step, shard, n) -> (x0, labels), a pure function of its arguments so that --resume is exact and
+    the global batch is the same however it is split over processes and accumulation rounds."""
+    if args.data == "toy":
+        import toy
+
+        def batch(step, shard, n):
+            return toy.toy_batch(n, generator=torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 0)))
+
+        return batch, 32, 10
+    path = args.data
+    if args.data == "cifar10":
+        path = os.path.join(args.data_root or os.environ.get("CKPT_ROOT_DIR", "checkpoints"), "cifar10", "cifar10-32x32.zip")  # fmt: skip
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found; run `python download.py cifar10`")
+    dataset = ImageDataset(path)
+
+    def batch(step, shard, n):
+        g = torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 0))
+        index = torch.randint(len(dataset), (n,), generator=g)
+        x = torch.stack([dataset[int(i)] for i in index]).float() / 127.5 - 1
+        return x, None if dataset.labels is None else dataset.labels[index]
+
+    num_classes = 0 if dataset.labels is None else int(dataset.labels.max()) + 1
+    return batch, dataset[0].shape[-1], num_classes
+
+
+# ----------------------------------------------------------------------------
+# Losses. Each takes the trainable network `net` (DDP-wrapped when distributed), the bare `student` for passes that
+# need no gradient (JVPs, stop-gradient targets), a clean batch x0 and its labels, and returns (loss, logs).
+# Time math is float64; t is the noise level sigma of the EDM-family schedule (alpha = 1, sigma = t).
+
+
+def sample_t(n, args, module, device, t_min=None):
+    return module.sample_t(n, args.t_sampler, args.p_mean, args.p_std, t_min or module.T_MIN, args.t_max).to(device)
+
+
+def bcast(t, x):
+    """(B,) -> (B, 1, 1, 1) in float64."""
+    return t.double().reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def teacher_x0(teacher, x, t, labels, guidance):
+    """The teacher's x0 prediction with classifier-free guidance (unconditional = the all-zero label)."""
+    x0 = teacher(x, t, labels)
+    if guidance != 1.0 and labels is not None:
+        x0 = x0 + (guidance - 1) * (x0 - teacher(x, t, None))
+    return x0
+
+
+def sft_loss(net, x0, labels, args, module):
+    """Denoising score matching in the native x0 prediction: E ||D(x0 + sigma eps; sigma) - x0||^2 (EDM Eq. 2)."""
+    t = sample_t(len(x0), args, module, x0.device)
+    x_t = x0 + (bcast(t, x0) * torch.randn_like(x0, dtype=torch.float64)).to(x0.dtype)
+    err = (net(x_t, t, labels) - x0).float().square().mean(dim=(1, 2, 3))
+    if args.edm_weighting:  # lambda(sigma) = 1 / c_out^2 makes the effective target unit-variance (EDM Sec. 5)
+        sd = 0.5
+        err = err * ((t**2 + sd**2) / (t * sd) ** 2).float()
+    return err.mean(), {}
+
+
+def ct_ratio(step, args):
+    """ECT's gap schedule: stage = images seen / images per stage, r/t ratio = 1 - q^-(stage + 1) (ECT Sec. 3.3)."""
+    stage = math.floor(step * args.batch_size / (args.ct_kimg_per_stage * 1000))
+    return min(1 - args.ct_q ** -(stage + 1), args.ct_ratio_limit)
+
+
+def ct_r(t, ratio, t_min):
+    """r = t - t (1 - ratio)(1 + 8 sigmoid(-t)): the earlier point of a consistency pair (ECT Eq. 9, FastGen's form)."""
+    return (t - t * (1 - ratio) * (1 + 8 * torch.sigmoid(-t))).clamp(min=t_min)
+
+
+def consistency_distance(d_t, d_r, t, r, args):
+    """Per-sample (pseudo-Huber) L2 norm sqrt(||a - b||^2 + c^2) - c, weighted by 1 / (t - r) (ECT Eq. 6), float64."""
+    d = (d_t.double() - d_r.double()).flatten(1).norm(dim=1)
+    u = (d.square() + args.huber_c**2).sqrt() - args.huber_c if args.huber_c > 0 else d
+    sd = 0.5
+    c_out = t * sd / (t**2 + sd**2).sqrt()
+    weight = {"default": 1 / (t - r), "c_out": 1 / c_out, "c_out_sq": 1 / c_out**2, "sigma_sq": 1 / t**2,
+              "sqrt": 1 / (t - r).sqrt(), "one": torch.ones_like(t)}[args.cm_weighting]  # fmt: skip
+    return u * weight, u
+
+
+def consistency_pair(x0, t, r, teacher, labels, args):
+    """Points y_t and y_r of one trajectory: shared noise (CT), or one teacher Euler step of the PF-ODE (CD)."""
+    eps = torch.randn_like(x0, dtype=torch.float64)
+    y_t = (x0 + bcast(t, x0) * eps).to(x0.dtype)
+    if args.cd:  # y_r = y_t - (t - r) dx/dt, with dx/dt = (y_t - D_T(y_t)) / t (EDM Eq. 3)
+        with torch.no_grad():
+            d_teacher = teacher_x0(teacher, y_t, t, labels, args.guidance).double()
+        y_r = (y_t - bcast(t - r, x0) * (y_t - d_teacher) / bcast(t, x0)).to(x0.dtype)
+    else:
+        y_r = (x0 + bcast(r, x0) * eps).to(x0.dtype)
+    return y_t, y_r
+
+
+def cm_loss(net, student, teacher, x0, labels, step, args, module):
+    """Consistency training/tuning: ||f(y_t, t) - sg(f(y_r, r))|| / (t - r), both passes with the same dropout."""
+    ratio = ct_ratio(step, args)
+    t = sample_t(len(x0), args, module, x0.device)
+    r = ct_r(t, ratio, module.T_MIN)
+    t = torch.maximum(t, r + 1e-6)
+    y_t, y_r = consistency_pair(x0, t, r, teacher, labels, args)
+    rng = get_rng(x0.device)
+    d_t = net(y_t, t, labels)
+    set_rng(rng, x0.device)  # the target pass draws the same dropout masks (ECT)
+    with torch.no_grad():
+        d_r = torch.nan_to_num(student(y_r, r, labels))
+    loss, unweighted = consistency_distance(d_t, d_r, t, r, args)
+    return loss.mean(), {"unweighted": unweighted.mean().item(), "ratio": ratio}
+
+
+def tcm_loss(net, student, stage1, teacher, x0, labels, step, args, module):
+    """Truncated CM, stage two: t >= transition; targets below the transition come from the frozen stage-one model,
+    and a share of samples sits on the boundary with its own weight (TCM Eq. 8)."""
+    B, ratio = len(x0), ct_ratio(step, args)
+    t = sample_t(B, args, module, x0.device, t_min=args.transition_t)
+    boundary = torch.zeros(B, dtype=torch.bool, device=x0.device)
+    boundary[torch.randperm(B)[: int(B * args.boundary_prob)]] = True
+    t = torch.where(boundary, torch.full_like(t, args.transition_t + 1e-8), t)
+    r = ct_r(t, ratio, module.T_MIN)
+    t = torch.maximum(t, r + 1e-6)
+    y_t, y_r = consistency_pair(x0, t, r, teacher, labels, args)
+    rng = get_rng(x0.device)
+    d_t = net(y_t, t, labels)
+    with torch.no_grad():
+        set_rng(rng, x0.device)
+        d_student = student(y_r, r, labels)
+        set_rng(rng, x0.device)
+        d_stage1 = stage1(y_r, r, labels)
+        d_r = torch.nan_to_num(torch.where((r >= args.transition_t).reshape(-1, 1, 1, 1), d_student, d_stage1))
+    loss, unweighted = consistency_distance(d_t, d_r, t, r, args)
+    interior = loss[~boundary].mean() if (~boundary).any() else loss.new_zeros(())
+    edge = loss[boundary].mean() if boundary.any() else loss.new_zeros(())
+    return interior + args.w_boundary * edge, {"unweighted": unweighted.mean().item(), "boundary": edge.item()}
+
+
+def trigflow(model, x_hat, t_hat, labels, return_logvar=False, sd=0.5):
+    """An x0 denoiser seen as TrigFlow's F(x_hat, t_hat) (sCM Sec. 2): sigma = sd tan t_hat, x = x_hat / cos t_hat,
+    F = (cos t_hat x_hat - x0) / (sd sin t_hat). Time math in float64."""
+    cos, sin = bcast(torch.cos(t_hat), x_hat), bcast(torch.sin(t_hat), x_hat)
+    out = model(x_hat / cos.to(x_hat.dtype), sd * torch.tan(t_hat), labels, return_logvar=return_logvar)
+    x0, logvar = out if return_logvar else (out, None)
+    F_out = ((cos * x_hat.double() - x0.double()) / (sd * sin)).to(x_hat.dtype)
+    return (F_out, logvar) if return_logvar else F_out
+
+
+def scm_loss(net, student, teacher, x0, labels, step, args, module):
+    """sCT / sCD (sCM Alg. 1): tangent from a JVP of F along the trajectory, normalised, and adaptive weighting
+    through the logvar head: loss = w(t) / (e^logvar D) ||F - sg(F) - g||^2 + logvar (sCM Eq. 8 with Sec. 4)."""
+    sd = 0.5
+    t = sample_t(len(x0), args, module, x0.device)
+    t_hat = torch.atan2(t, torch.full_like(t, sd))  # the TrigFlow time with the same SNR: tan t_hat = sigma / sd
+    cos, sin = bcast(torch.cos(t_hat), x0), bcast(torch.sin(t_hat), x0)
+    z = sd * torch.randn_like(x0, dtype=torch.float64)
+    x_hat = (cos * x0.double() + sin * z).to(x0.dtype)
+    if args.cd:  # teacher tangent dx_hat/dt_hat = sd F_teacher, with guidance in F space
+        with torch.no_grad():
+            dxdt = sd * trigflow(teacher, x_hat, t_hat, labels).double()
+            if args.guidance != 1.0 and labels is not None:
+                dxdt = dxdt + (args.guidance - 1) * (dxdt - sd * trigflow(teacher, x_hat, t_hat, None).double())
+    else:  # the data trajectory's tangent
+        dxdt = -sin * x0.double() + cos * z
+
+    F_theta, logvar = trigflow(net, x_hat, t_hat, labels, return_logvar=True)
+
+    # J = cos sin dF/dt_hat along the trajectory: one JVP through the network, no backward graph (sCM Eq. 7).
+    c = torch.cos(t_hat) * torch.sin(t_hat)
+    clamp = (-math.pi / 2 + 1e-4, math.pi / 2 - 1e-4)
+    with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
+        if args.jvp == "exact":
+            fn = lambda x, th: trigflow(student, x, th.clamp(*clamp), labels).double()
+            J = torch.func.jvp(fn, (x_hat.float(), t_hat), ((bcast(c, x0) * dxdt).float(), c))[1]
+        else:  # finite differences along the same (x0, z) trajectory, each side with the same dropout masks
+            delta = (args.fd_eps * t_hat.abs()).clamp(min=1e-6)
+            sides = []
+            for th in ((t_hat + delta).clamp(max=clamp[1]), (t_hat - delta).clamp(min=clamp[0])):
+                with torch.random.fork_rng():
+                    x_side = (bcast(torch.cos(th), x0) * x0.double() + bcast(torch.sin(th), x0) * z).float()
+                    sides.append(trigflow(student, x_side, th, labels).double())
+            J = bcast(c / (2 * delta), x0) * (sides[0] - sides[1])
+
+    F_sg = F_theta.double().detach()
+    warmup = min(1.0, step / args.tangent_warmup_steps) if args.tangent_warmup_steps > 0 else 1.0
+    g = -(cos**2) * (sd * F_sg - dxdt) - warmup * (cos * sin * x_hat.double() + sd * J)
+    D = x0[0].numel()
+    g_norm = g.flatten(1).norm(dim=1) / math.sqrt(D)  # RMS: invariant to the image size
+    g = g / bcast(g_norm + 0.1, g)
+    unweighted = (F_theta.double() - F_sg - g).square().mean(dim=(1, 2, 3))
+    logvar = logvar.double().reshape(-1)
+    loss = (1 / t) / (logvar.exp() * D) * unweighted + logvar  # prior weight 1/sigma, uncertainty weighting
+    return loss.mean(), {"unweighted": unweighted.mean().item(), "logvar": logvar.mean().item(), "warmup": warmup}
+
+
+def average_velocity(model, x, t, r, labels):
+    """u(x, r, t) in the flow parameterisation of the EDM schedule: u = (x - D(x; t, r)) / t, so that a jump
+    x_r = x_t - (t - r) u; with r = 0 it lands on D, the network's x0 output."""
+    return ((x.double() - model(x, t, labels, r=r).double()) / bcast(t, x)).to(x.dtype)
+
+
+def meanflow_loss(net, student, teacher, x0, labels, step, args, module):
+    """MeanFlow (Geng et al. 2025, Eq. 6-10): u(z_t, r, t) = v - (t - r) du/dt, du/dt the JVP along (v, 1, 0).
+
+    NOTE: FastGen samples t and r as logit-normals in rectified-flow time t_rf; the SNR-equivalent EDM noise level
+    sigma = t_rf / (1 - t_rf) = e^n is then log-normal with the same (mean, std), which is what is sampled here."""
+    B = len(x0)
+    t = module.sample_t(B, "lognormal", args.p_mean, args.p_std, module.T_MIN, args.t_max).to(x0.device)
+    r = module.sample_t(B, "lognormal", args.r_p_mean, args.r_p_std, module.T_MIN, args.t_max).to(x0.device)
+    t, r = torch.maximum(t, r), torch.minimum(t, r)
+    n_flow = int((torch.rand(B) >= args.r_ratio).sum())  # the first n_flow samples are plain flow matching: r = t
+    r = torch.cat([t[:n_flow], r[n_flow:]])
+    eps = torch.randn_like(x0, dtype=torch.float64)
+    x_t = (x0 + bcast(t, x0) * eps).to(x0.dtype)
+    if args.cd:  # teacher velocity dx/dt = (x_t - D_T) / t
+        with torch.no_grad():
+            v = ((x_t.double() - teacher_x0(teacher, x_t, t, labels, args.guidance).double()) / bcast(t, x0)).float()
+    else:  # the conditional velocity of alpha = 1, sigma = t: dx_t/dt = eps
+        v = eps.float()
+
+    rng = get_rng(x0.device)
+    with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
+        if args.jvp == "exact":
+            fn = lambda x, tt, rr: average_velocity(student, x, tt, rr, labels)
+            du_dt = torch.func.jvp(fn, (x_t.float(), t, r), (v, torch.ones_like(t), torch.zeros_like(r)))[1].double()
+        else:
+            h = args.fd_eps * t
+            sides = []
+            for sign in (1, -1):
+                set_rng(rng, x0.device)
+                th = t + sign * h
+                sides.append(average_velocity(student, (x_t.double() + bcast(th - t, x0) * v.double()).float(), th, r, labels).double())  # fmt: skip
+            du_dt = (sides[0] - sides[1]) / bcast(2 * h, x0)
+    set_rng(rng, x0.device)  # the gradient pass draws the same dropout masks as the JVP pass
+    u = average_velocity(net, x_t, t, r, labels)
+    target = v.double() - bcast(t - r, x0) * du_dt
+    err = (u.double() - target).square().sum(dim=(1, 2, 3))
+    weight = 1 / (err.detach() + args.mf_norm_c) ** args.mf_norm_p  # adaptive loss weighting (MeanFlow Sec. 4.3)
+    return (weight * err).mean(), {"unweighted": err.mean().item()}
+
+
+# ----------------------------------------------------------------------------
+# Sampling, evaluation and checkpoints
+
+
+@torch.no_grad()
+def generate(model, module, noise, labels, steps, method):
+    """Few-step samples of a student: MeanFlow jumps with its average velocity, the rest predict x0 and re-noise."""
+    if method != "meanflow":
+        return module.sample_student(model, noise, labels, steps=steps)
+    times = module.t_list(steps).to(noise.device)
+    x = noise * times[0]
+    for t, r in zip(times[:-1], times[1:]):
+        tb, rb = t.expand(len(x)), r.clamp(min=module.T_MIN).expand(len(x))
+        x = (x.double() - (t - r) * average_velocity(model, x, tb, rb, labels).double()).float()
+    return x
+
+
+def to_grid(x, cols=8):
+    """(B, C, H, W) in [-1, 1] -> a uint8 image grid (H', W', C)."""
+    x = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    rows = math.ceil(len(x) / cols)
+    grid = np.zeros((rows * x.shape[1], cols * x.shape[2], x.shape[3]), dtype=np.uint8)
+    for i, img in enumerate(x):
+        grid[(i // cols) * x.shape[1] : (i // cols + 1) * x.shape[1], (i % cols) * x.shape[2] : (i % cols + 1) * x.shape[2]] = img  # fmt: skip
+    return grid
+
+
+@torch.no_grad()
+def evaluate(model, module, cfg, args, sampler, steps, n, device, classifier=None):
+    """Samples from `sampler` ("student" or "teacher"): a grid of the first 64, and the toy FID and class accuracy."""
+    g = torch.Generator().manual_seed(12345)  # the same noise and classes in every evaluation
+    images, labels = [], []
+    for i in range(0, n, 250):
+        b = min(250, n - i)
+        noise = torch.randn(b, cfg.img_channels, cfg.img_resolution, cfg.img_resolution, generator=g).to(device)
+        y = (torch.arange(i, i + b) % cfg.label_dim).to(device) if cfg.label_dim else None  # classes in equal numbers
+        if sampler == "teacher":
+            x = module.sample_heun(model, noise, y, steps=steps) if steps > 1 else module.sample_student(model, noise, y, steps=1)  # fmt: skip
+        else:
+            x = generate(model, module, noise, y, steps, args.method)
+        images.append(x.float().clamp(-1, 1).cpu())
+        labels.append(y.cpu() if y is not None else torch.zeros(b, dtype=torch.long))
+    images, labels = torch.cat(images), torch.cat(labels)
+    metrics = {}
+    if classifier is not None:
+        import toy
+
+        metrics = toy.evaluate(classifier, images, labels)
+        if not cfg.label_dim:  # an unconditional model was asked for no class
+            metrics.pop("accuracy")
+    return images, metrics
+
+
+def quality_report(args, student, teacher, module, cfg, device, classifier):
+    """The embedded default's figure and table: teacher 35 evaluations (Heun, 18 steps), teacher 1 step, student
+    1 step, on the same noise and classes; toy FID and class accuracy of each."""
+    rows, lines = [], ["| sampler | evaluations | toy FID | class accuracy |", "|---|---|---|---|"]
+    for name, model, sampler, steps, nfe in (
+        ("teacher", teacher, "teacher", 18, 35),
+        ("teacher", teacher, "teacher", 1, 1),
+        ("student", student, "student", args.student_steps, args.student_steps),
+    ):
+        images, m = evaluate(model, module, cfg, args, sampler, steps, args.eval_n, device, classifier)
+        rows.append(images[: 2 * cfg.label_dim or 16])
+        lines.append(f"| {name} | {nfe} | {m['fid']:.2f} | {m.get('accuracy', float('nan')):.3f} |")
+    table = (
+        "\n".join(lines) + f"\n\n({args.eval_n} samples each, classes in equal numbers, the same noise for all three)\n"
+    )
+    with open(os.path.join(args.out_dir, "quality.md"), "w") as f:
+        f.write(table)
+    Image.fromarray(to_grid(torch.cat(rows), cols=len(rows[0]))).save(os.path.join(args.out_dir, "quality.png"))
+    print(table)
+
+
+def save_checkpoint(args, step, student, emas, optimizer, scaler, config_json):
+    """ckpt_NNNNNNN/ written as a temporary directory and renamed, so a crash never leaves a half checkpoint."""
+    final = os.path.join(args.out_dir, f"ckpt_{step:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    meta = {"config": config_json, "step": str(step)}
+    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, os.path.join(tmp, "student.safetensors"), metadata=meta)  # fmt: skip
+    for name, ema in emas.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, os.path.join(tmp, f"ema_{name}.safetensors"), metadata=meta)  # fmt: skip
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step}, os.path.join(tmp, "state.pt"))  # fmt: skip
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args) | {"step": step}, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def latest_checkpoint(out_dir):
+    ckpts = sorted(d for d in os.listdir(out_dir) if d.startswith("ckpt_") and not d.endswith(".tmp")) if os.path.isdir(out_dir) else []  # fmt: skip
+    return os.path.join(out_dir, ckpts[-1]) if ckpts else None
+
+
+def ema_beta(spec, step):
+    """A constant beta, or EDM2's power EMA beta = (1 - 1/k)^(gamma + 1) for spec 'power:gamma' (EDM2 Eq. 4)."""
+    if spec.startswith("power:"):
+        return (1 - 1 / max(step, 1)) ** (float(spec.split(":")[1]) + 1)
+    return float(spec)
+
+
+def learning_rate(step, args):
+    """Linear warm-up, then constant or inverse-square-root decay (EDM2 Eq. 67)."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+    return lr / math.sqrt(max(step / args.lr_decay_steps, 1)) if args.lr_decay_steps else lr
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(args):
+    # Distributed setup: torchrun sets these; a plain `python` run is one process.
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    master = rank == 0
+    if master:
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+        print(json.dumps(vars(args)))
+
+    module, Precond = MODELS[args.model]
+    batch_fn, resolution, num_classes = make_data(args)
+
+    # Networks: the student (trainable), its EMAs, and frozen teacher / stage-one models where the method needs them.
+    switches = dict(logvar_head=True) if args.method == "scm" and args.model == "edm" else {}
+    if args.method == "meanflow":
+        switches["r_timestep"] = True
+    if args.dropout is not None:
+        switches["dropout"] = args.dropout
+    switches["label_dropout"] = args.label_dropout
+    if args.teacher and not args.tiny:
+        student = module.from_pretrained(args.teacher, **switches)
+        cfg = student.cfg
+    else:  # from scratch: the architecture of --arch, or the tiny config at the data's resolution
+        base = module.CONFIGS[args.arch] if args.arch else replace(module.CONFIGS["tiny"], img_resolution=resolution, attn_resolutions=(resolution // 2,))  # fmt: skip
+        if args.tiny or not args.arch:
+            base = replace(base, label_dim=num_classes, augment_dim=0) if args.model == "edm" else replace(base, label_dim=num_classes)  # fmt: skip
+        cfg = replace(base, **switches)
+        torch.manual_seed(args.seed)
+        student = Precond(cfg)
+    use_labels = cfg.label_dim > 0 and not args.uncond and num_classes > 0
+    teacher = None
+    if args.cd:
+        if args.tiny or not args.teacher:
+            teacher = Precond(replace(cfg, logvar_head=False, r_timestep=False, dropout=0.0, label_dropout=0.0))
+            teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in teacher.state_dict()}, strict=False)  # fmt: skip
+        else:
+            teacher = module.from_pretrained(args.teacher)
+        teacher = teacher.to(device).eval().requires_grad_(False)
+    stage1 = None
+    if args.method == "tcm":
+        if args.stage1:
+            module.load_checkpoint(student, args.stage1, adapt=False)
+        elif not args.tiny:
+            raise SystemExit("error: --method tcm needs --stage1 CKPT, a student trained with --method cm")
+        stage1 = Precond(cfg)
+        stage1.load_state_dict(student.state_dict())
+        stage1 = stage1.to(device).train().requires_grad_(False)  # train mode: its dropout matches the student's
+    student = student.to(device).train()
+    if args.model == "edm2":
+        edm2.forced_weight_normalization(student)
+    emas = {spec.replace("power:", "p"): Precond(cfg).to(device).eval().requires_grad_(False) for spec in args.ema.split(",") if spec}  # fmt: skip
+    for ema in emas.values():
+        ema.load_state_dict(student.state_dict())
+    net = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if distributed else student
+    if master:
+        print(f"student: {sum(p.numel() for p in student.parameters()):,} parameters, method {args.method}")
+
+    opt_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[args.optimizer]
+    optimizer = opt_class(student.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)  # fmt: skip
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    micro = args.micro_batch or max(1, args.batch_size // world)
+    accum = max(1, args.batch_size // (micro * world))
+
+    start = 0
+    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
+    if ckpt:
+        student.load_state_dict(load_file(os.path.join(ckpt, "student.safetensors")))
+        for name, ema in emas.items():
+            ema.load_state_dict(load_file(os.path.join(ckpt, f"ema_{name}.safetensors")))
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location=device)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start = state["step"]
+        if master:
+            print(f"resumed from {ckpt} at step {start}")
+
+    classifier = None
+    if args.data == "toy" and master and args.eval_every:
+        import toy
+
+        classifier = toy.load_classifier().to(device)
+    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    wandb = None
+    if args.wandb and master:
+        import wandb
+
+        wandb.init(project=args.wandb, config=vars(args))
+
+    def eval_and_log(step):
+        ema = next(iter(emas.values()), student)
+        images, metrics = evaluate(ema, module, cfg, args, "student", args.student_steps, args.eval_n, device, classifier)  # fmt: skip
+        Image.fromarray(to_grid(images[:64])).save(os.path.join(args.out_dir, "samples", f"step_{step:07d}.png"))
+        record = {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        return metrics
+
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        tic = time.time()
+        for m in range(accum):
+            shard = rank * accum + m  # this micro-batch's place in the global batch
+            x0, labels = batch_fn(step, shard, micro)
+            x0 = x0.to(device)
+            labels = labels.to(device) if use_labels and labels is not None else None
+            if args.xflip:
+                flip = torch.rand(len(x0), generator=torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 1))) < 0.5  # fmt: skip
+                x0 = torch.where(flip.to(device).reshape(-1, 1, 1, 1), x0.flip(3), x0)
+            torch.manual_seed(rng_seed(args.seed, step, shard, 2))  # noise and dropout: exact on resume
+            sync = contextlib.nullcontext() if not distributed or m == accum - 1 else net.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    if args.method == "sft":
+                        loss, logs = sft_loss(net, x0, labels, args, module)
+                    elif args.method == "cm":
+                        loss, logs = cm_loss(net, student, teacher, x0, labels, step, args, module)
+                    elif args.method == "tcm":
+                        loss, logs = tcm_loss(net, student, stage1, teacher, x0, labels, step, args, module)
+                    elif args.method == "scm":
+                        loss, logs = scm_loss(net, student, teacher, x0, labels, step, args, module)
+                    else:
+                        loss, logs = meanflow_loss(net, student, teacher, x0, labels, step, args, module)
+                scaler.scale(loss / accum).backward()
+        scaler.unscale_(optimizer)
+        for p in student.parameters():
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if args.model == "edm2":  # keep every weight row at unit norm (EDM2 Eq. 66)
+            edm2.forced_weight_normalization(student)
+        with torch.no_grad():
+            for spec, ema in zip(args.ema.split(","), emas.values()):
+                beta = ema_beta(spec, step + 1)
+                for p_ema, p in zip(ema.parameters(), student.parameters()):
+                    p_ema.lerp_(p.detach(), 1 - beta)
+                for b_ema, b in zip(ema.buffers(), student.buffers()):
+                    b_ema.copy_(b)
+
+        step_done = step + 1
+        if master:
+            images_per_s = args.batch_size / (time.time() - tic)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:.0f}")
+            record = {"step": step_done, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_per_s, **logs}  # fmt: skip
+            log.write(json.dumps(record) + "\n")
+            if wandb:
+                wandb.log(record, step=step_done)
+            if args.eval_every and (step_done % args.eval_every == 0 or step_done == args.max_steps):
+                metrics = eval_and_log(step_done)
+                if metrics:
+                    bar.write(f"step {step_done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            if args.save_every and (step_done % args.save_every == 0 or step_done == args.max_steps):
+                save_checkpoint(args, step_done, student, emas, optimizer, scaler, module.config_to_json(cfg))
+    if master:
+        log.close()
+        if classifier is not None and teacher is not None:
+            quality_report(args, next(iter(emas.values()), student), teacher, module, cfg, device, classifier)
+    if distributed:
+        dist.destroy_process_group()
+    return student, emas
+
+
+if __name__ == "__main__":
+    main(parse_args())
