@@ -46,7 +46,7 @@ print(f"batch {args.batch}, {args.threads} CPU threads, fp32; median seconds per
 print(f"{'config':8} {'method':9} {'s/step':>8} {'steps/s':>8} {'peak RSS':>9}")
 with tempfile.TemporaryDirectory() as tmp:
     for config in args.configs.split(","):
-        common = ["--data", "toy", "--arch", CONFIGS[config], "--batch_size", str(args.batch), "--eval_every", "0", "--num_threads", str(args.threads), "--max_steps", str(args.steps + 2)]  # fmt: skip
+        common = ["--data", "toy", "--arch", CONFIGS[config], "--batch_size", str(args.batch), "--eval_every", "0", "--eval_n", "0", "--num_threads", str(args.threads), "--max_steps", str(args.steps + 2)]  # fmt: skip
         stage1 = os.path.join(tmp, f"{config}_stage1")
         run([*common, "--method", "cm", "--max_steps", "1", "--save_every", "1"], stage1)
         for method in args.methods.split(","):
