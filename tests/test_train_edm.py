@@ -281,3 +281,12 @@ def test_short_distillation_improves_the_one_step_fid(tmp_path):
     evals = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if "eval_fid" in line]
     assert [e["step"] for e in evals] == [0, 120]
     assert evals[1]["eval_fid"] < 0.8 * evals[0]["eval_fid"]
+
+
+def test_sft_lowers_its_loss(tmp_path):
+    """Denoising score matching from scratch on the toy data: the loss falls within a few dozen steps."""
+    out = str(tmp_path / "sft")
+    run_script("--method", "sft", "--tiny", "--data", "toy", "--batch_size", "16", "--max_steps", "120", "--lr", "2e-3", "--optimizer", "adam", "--eval_every", "0", "--save_every", "0", "--out_dir", out)  # fmt: skip
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+    assert len(losses) == 120
+    assert sum(losses[-20:]) < 0.8 * sum(losses[:20])
