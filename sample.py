@@ -47,10 +47,10 @@ parser.add_argument("--out_dir", default="out/samples", help="where samples.png 
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def image_grid(images):
-    """uint8 [N, H, W, C] -> one uint8 image with the samples on a near-square grid."""
+def image_grid(images, cols=None):
+    """uint8 [N, H, W, C] -> one uint8 image with the samples on a grid (near-square unless `cols` is given)."""
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
     for i, img in enumerate(images):

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from models import edm, edm2
+from sample import image_grid, to_uint8
 
 MODELS = {"edm": (edm, edm.EDMPrecond), "edm2": (edm2, edm2.EDM2Precond)}
 
@@ -451,12 +452,7 @@ def generate(model, module, noise, labels, steps, method):
 
 def to_grid(x, cols=8):
     """(B, C, H, W) in [-1, 1] -> a uint8 image grid (H', W', C)."""
-    x = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    rows = math.ceil(len(x) / cols)
-    grid = np.zeros((rows * x.shape[1], cols * x.shape[2], x.shape[3]), dtype=np.uint8)
-    for i, img in enumerate(x):
-        grid[(i // cols) * x.shape[1] : (i // cols + 1) * x.shape[1], (i % cols) * x.shape[2] : (i % cols + 1) * x.shape[2]] = img  # fmt: skip
-    return grid
+    return image_grid(to_uint8(x), cols)
 
 
 @torch.no_grad()
