@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from models import edm, edm2
+from models import edm, edm2, inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".py") and f != "__init__.py")
@@ -46,3 +46,8 @@ SHARED = [
 def test_edm_family_copies_are_identical(name):
     """edm.py and edm2.py share the edm schedule, the samplers and the loader by copy; a fix to one goes to both."""
     assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(edm2, name))
+
+
+def test_inception_key_check_is_the_edm_one():
+    """models/inception.py reports checkpoint mismatches with the same copy of check_keys."""
+    assert inspect.getsource(inception.check_keys) == inspect.getsource(edm.check_keys)
