@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.inception import feature_stats, frechet_distance
+
 RESOLUTION = 32
 DEFAULT_CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy_classifier.safetensors")
 REFERENCE_SEED = 20240601  # seed of the reference images for toy FID; unused by classifier training and by the tests
@@ -213,36 +215,12 @@ def load_classifier(path=DEFAULT_CLASSIFIER, device=None):
 
 
 # ----------------------------------------------------------------------------
-# Metrics: toy FID and class accuracy. Statistics and the distance are float64; the features come in float32.
+# Metrics: toy FID and class accuracy. Statistics and the distance are FID's own (models/inception.py), in float64;
+# the features come in float32.
 
 
 def _batches(items, size=500):
     return (items[i : i + size] for i in range(0, len(items), size))
-
-
-def feature_stats(features):
-    """Mean (D,) and covariance (D, D) of features (N, D), float64, with the unbiased 1 / (N - 1) like numpy.cov."""
-    features = torch.as_tensor(features).double()
-    return features.mean(0), torch.cov(features.T).reshape(features.shape[1], features.shape[1])
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as in FID (Heusel et al. 2017, eq. 6):
-
-        |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
-
-    The trace of the matrix square root is computed through the symmetric matrix A sigma2 A, A = sigma1^(1/2), which
-    has the same eigenvalues as sigma1 sigma2 but, being symmetric, takes `eigh`: real eigenvalues, and no complex
-    parts to discard as after scipy.linalg.sqrtm of the unsymmetric product. Eigenvalues that rounding pushes below
-    zero count as zero.
-    """
-    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(t).double() for t in (mu1, sigma1, mu2, sigma2))
-    w, q = torch.linalg.eigh(sigma1)
-    root1 = (q * w.clamp(min=0).sqrt()) @ q.T
-    product = root1 @ sigma2 @ root1
-    trace_root = torch.linalg.eigvalsh((product + product.T) / 2).clamp(min=0).sqrt().sum()
-    distance = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_root
-    return max(distance.item(), 0.0)  # a squared distance; below zero only by rounding when the stats are equal
 
 
 @torch.no_grad()

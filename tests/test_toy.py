@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -81,57 +80,6 @@ def test_load_classifier_errors(tmp_path):
     save_file(state, str(tmp_path / "extra.safetensors"))
     with pytest.raises(RuntimeError, match="extra"):
         toy.load_classifier(str(tmp_path / "extra.safetensors"))
-
-
-# ----------------------------------------------------------------------------
-# Frechet distance
-
-
-def random_covariance(d, rank, generator):
-    a = torch.randn(d, rank, dtype=torch.float64, generator=generator)
-    return a @ a.T / rank
-
-
-def frechet_by_eigvals(mu1, sigma1, mu2, sigma2):
-    """The textbook form with numpy: tr((S1 S2)^(1/2)) as the sum of square roots of the eigenvalues of S1 S2."""
-    mu1, sigma1, mu2, sigma2 = (np.asarray(t, dtype=np.float64) for t in (mu1, sigma1, mu2, sigma2))
-    eigenvalues = np.linalg.eigvals(sigma1 @ sigma2).real.clip(min=0)
-    return ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eigenvalues).sum()
-
-
-def test_frechet_diagonal_closed_form():
-    g = seeded(0)
-    mu1, mu2 = torch.randn(8, generator=g), torch.randn(8, generator=g)
-    var1, var2 = torch.rand(8, generator=g) + 0.1, torch.rand(8, generator=g) + 0.1
-    expected = ((mu1 - mu2) ** 2).sum() + ((var1.sqrt() - var2.sqrt()) ** 2).sum()
-    got = toy.frechet_distance(mu1, torch.diag(var1), mu2, torch.diag(var2))
-    assert got == pytest.approx(expected.item(), rel=1e-6)
-
-
-@pytest.mark.parametrize("rank", [32, 4])  # full rank, and singular like features that never fire
-def test_frechet_matches_eigvals_form_and_is_symmetric(rank):
-    g = seeded(rank)
-    mu1, mu2 = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
-    sigma1, sigma2 = random_covariance(16, rank, g), random_covariance(16, rank, g)
-    got = toy.frechet_distance(mu1, sigma1, mu2, sigma2)
-    assert got == pytest.approx(frechet_by_eigvals(mu1, sigma1, mu2, sigma2), rel=1e-6)
-    assert got == pytest.approx(toy.frechet_distance(mu2, sigma2, mu1, sigma1), rel=1e-9)
-
-
-def test_frechet_of_identical_stats_is_zero():
-    # Features like the classifier's: non-negative, of very different scales, some units that never fire.
-    features = torch.randn(500, 64, generator=seeded(4)).relu() * torch.logspace(-3, 3, 64)
-    features[:, :8] = 0
-    mu, sigma = toy.feature_stats(features)
-    distance = toy.frechet_distance(mu, sigma, mu, sigma)
-    assert 0 <= distance <= 1e-9 * sigma.trace().item()
-
-
-def test_feature_stats_match_numpy():
-    features = torch.randn(100, 5, generator=seeded(0))
-    mu, sigma = toy.feature_stats(features)
-    assert mu.dtype == sigma.dtype == torch.float64
-    assert np.allclose(mu.numpy(), features.numpy().mean(0)) and np.allclose(sigma.numpy(), np.cov(features.numpy().T))
 
 
 # ----------------------------------------------------------------------------
