@@ -12,11 +12,16 @@ state dict with exactly the keys `state_dict()` of the real network would give (
     python download.py edm-cifar10-32x32-cond-vp                # -> $CKPT_ROOT_DIR/cifar10/edm-cifar10-32x32-cond-vp.safetensors
     python download.py edm2-img64-s-fid --root /data/ckpt       # -> /data/ckpt/imagenet-64/edm2-img64-s-fid.safetensors
     python download.py cifar10                                  # -> cifar10/cifar10-32x32.zip (EDM dataset_tool layout)
+    python download.py inception                                # -> inception/pt_inception-2015-12-05.safetensors (FID)
+    python download.py fid-ref cifar10                          # -> fid-refs/cifar10-32x32.npz, FID reference statistics
+    python download.py fid-ref datasets/img64.zip --out refs/img64.npz   # any EDM-style zip or folder of PNGs
     python download.py convert network-snapshot.pkl out.safetensors   # convert a local pickle, no network
 
 Downloads resume (HTTP Range) into `<source file name>.part` next to the destination, are checked against
 the sha256 in the table below when one is known (otherwise the digest is printed and recorded in
 `<destination>.sha256`, and used to check later downloads), and every output is written atomically.
+`fid-ref` runs the FID Inception network (models/inception.py) over every image of a dataset and writes the mean and
+covariance of its features as an .npz with `mu` and `sigma`, the format of EDM's fid-refs.
 `--root` defaults to $CKPT_ROOT_DIR, else ./checkpoints. Hugging Face Hub repos go through `hub_download`,
 which honours HF_HOME, HF_HUB_OFFLINE=1, LOCAL_FILES_ONLY=true and HF_TOKEN.
 """
@@ -48,6 +53,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from models import inception
+
 # -----------------------------------------------------------------------------
 # What can be fetched. Sizes are approximate: the pickles' from parameter counts (EDM fp32, EDM2 fp16).
 
@@ -58,7 +65,8 @@ class Entry:
     dest: str  # relative to --root
     sha256: str | None  # of the downloaded file; None = not published anywhere we could find
     size: str  # approximate download size, for --list
-    kind: str  # "edm-pickle" | "dataset"; "hub" (url = repo id, fetched with hub_download) when Hub names are added
+    kind: str  # "edm-pickle" | "state-dict" | "dataset"; "hub" (url = repo id, fetched with hub_download) when Hub names are added
+    sha256_prefix: str = ""  # the digest's first hex digits, where only those are published
 
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
@@ -70,6 +78,8 @@ EDM2_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/"
 # notebook's README), edm2-img64-s in one (the same ECT reproduction's ImageNet-64 provenance note).
 # The CIFAR-10 digest is the one Keras verifies (keras-team/keras, keras/src/datasets/cifar10.py);
 # the page https://www.cs.toronto.edu/~kriz/cifar.html publishes md5 c58f30108f718f92721af3b95e74349a.
+# The FID Inception weights follow torch.hub's naming, `<name>-<first 8 hex digits of the sha256>.pth`: those 8 digits
+# are checked, and the full digest of the first download is recorded like an unknown one.
 # fmt: off
 CHECKPOINTS = {
     "edm-cifar10-32x32-cond-vp":   Entry(url=EDM_URL + "edm-cifar10-32x32-cond-vp.pkl",      dest="cifar10/edm-cifar10-32x32-cond-vp.safetensors",       sha256=None, size="~225 MB", kind="edm-pickle"),
@@ -82,6 +92,7 @@ CHECKPOINTS = {
     "edm2-img64-l-fid":            Entry(url=EDM2_URL + "edm2-img64-l-1073741-0.040.pkl",    dest="imagenet-64/edm2-img64-l-fid.safetensors",            sha256=None, size="~1.6 GB", kind="edm-pickle"),
     "edm2-img64-xl-fid":           Entry(url=EDM2_URL + "edm2-img64-xl-0671088-0.040.pkl",   dest="imagenet-64/edm2-img64-xl-fid.safetensors",           sha256=None, size="~2.2 GB", kind="edm-pickle"),
     "cifar10":                     Entry(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", dest="cifar10/cifar10-32x32.zip", sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", size="170 MB", kind="dataset"),
+    "inception":                   Entry(url=inception.URL, dest=inception.FILE, sha256=None, sha256_prefix="6726825d", size="~95 MB", kind="state-dict"),
 }
 # fmt: on
 
@@ -320,6 +331,27 @@ def convert_pickle(path, dest, source=None, name=None):
     return state
 
 
+def convert_inception(path, dest, source=None):
+    """pytorch-fid's Inception .pth -> safetensors at `dest` (atomic), after checking every key and shape against
+    models/inception.py. `torch.load(weights_only=True)` builds tensors and containers only, never other objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a refused global, a truncated file, not a torch file at all
+        raise DownloadError(f"could not read {path} as a torch state dict: {type(e).__name__}: {e}") from e
+    if not (isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values())):
+        raise DownloadError(f"{path} is not a state dict of tensors")
+    with torch.device("meta"):
+        model = inception.InceptionV3()
+    try:
+        inception.check_keys(model, state)
+    except ValueError as e:
+        raise DownloadError(f"{path} is not the FID Inception network: {e}") from None
+    tensors = {k: t.contiguous().clone() for k, t in state.items()}
+    with atomic_output(dest) as tmp:
+        save_file(tensors, str(tmp), metadata={"source": source or Path(path).name, "format": "pt"})
+    return state
+
+
 # -----------------------------------------------------------------------------
 # HTTP download with resume, and checksums.
 
@@ -377,13 +409,14 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def verify_download(part, expected, url):
-    """sha256 of the finished download; on a mismatch the file is deleted and a ChecksumError raised."""
+def verify_download(part, expected, url, prefix=""):
+    """sha256 of the finished download; on a mismatch with `expected` (the full digest) or `prefix` (its first hex
+    digits) the file is deleted and a ChecksumError raised."""
     actual = file_sha256(part)
-    if expected and actual != expected.lower():
+    if (expected and actual != expected.lower()) or not actual.startswith(prefix.lower()):
         Path(part).unlink()
         raise ChecksumError(
-            f"sha256 mismatch for {url}\n  expected {expected}\n  actual   {actual}\n"
+            f"sha256 mismatch for {url}\n  expected {expected or prefix + '...'}\n  actual   {actual}\n"
             f"The damaged download {part} was deleted; run the command again to fetch it afresh "
             f"(--force also replaces an existing output). If the publisher replaced the file and you trust "
             f"the new one, pin its digest with --sha256 {actual}."
@@ -429,6 +462,50 @@ def cifar10_to_zip(tarball, dest):
             entries.append([name, label])
         zf.writestr("dataset.json", json.dumps({"labels": entries}))
     return len(entries)
+
+
+# -----------------------------------------------------------------------------
+# FID reference statistics of a dataset.
+
+
+def dataset_images(path, batch_size):
+    """(number of images, iterator over uint8 batches (B, 3, H, W)) of an EDM-style dataset: a zip or folder of PNGs
+    (what `download.py cifar10` and EDM's dataset_tool.py write), in file-name order. Grey images become RGB."""
+    if not os.path.exists(path):
+        raise DownloadError(f"{path} not found")
+    if zipfile.is_zipfile(path):
+        archive = zipfile.ZipFile(path)
+        names, read = archive.namelist(), archive.read
+    elif os.path.isdir(path):
+        names = [os.path.relpath(os.path.join(d, f), path) for d, _, files in os.walk(path) for f in files]
+        read = lambda name: Path(path, name).read_bytes()
+    else:
+        raise DownloadError(f"{path} is neither a zip file nor a folder")
+    names = sorted(n for n in names if n.lower().endswith(".png"))
+    if len(names) < 2:
+        raise DownloadError(f"{path} holds {len(names)} PNG images; reference statistics need at least 2")
+
+    def batches():
+        for i in range(0, len(names), batch_size):
+            images = [np.asarray(Image.open(io.BytesIO(read(n))).convert("RGB")) for n in names[i : i + batch_size]]
+            yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+
+    return len(names), batches()
+
+
+def fid_ref(data, out, weights=None, root=None, batch_size=64, device="cpu"):
+    """Inception feature statistics of every image in `data`, written to `out` as .npz (mu, sigma) atomically."""
+    model = inception.from_pretrained(weights, root=root, device=device)
+    count, batches = dataset_images(data, batch_size)
+    stats = inception.FeatureStats(device=device)
+    with torch.no_grad():
+        for images in tqdm(batches, total=-(-count // batch_size), unit="batch", desc=f"{Path(data).name} features"):
+            stats.update(model(images.to(device)))
+    mu, sigma = stats.mean_cov()
+    with atomic_output(out) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare path
+            np.savez(f, mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy())
+    return count
 
 
 # -----------------------------------------------------------------------------
@@ -493,11 +570,16 @@ def fetch(name, root, url=None, sha256=None, force=False):
         part.unlink(missing_ok=True)
     print(f"downloading {url}")
     http_download(url, part)
-    actual = verify_download(part, expected, url)
-    print(f"sha256 {actual} " + ("matches" if expected else "(no published digest to compare with)"))
+    prefix = "" if sha256 else entry.sha256_prefix  # a digest given on the command line replaces the table's
+    actual = verify_download(part, expected, url, prefix=prefix)
+    checked = "matches" if expected else f"starts with {prefix} as published" if prefix else ""
+    print(f"sha256 {actual} " + (checked or "(no published digest to compare with)"))
     try:
         if entry.kind == "dataset":
             print(f"wrote {dest} ({cifar10_to_zip(part, dest)} images)")
+        elif entry.kind == "state-dict":
+            state = convert_inception(part, dest, source=url)
+            print(f"wrote {dest} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values)")
         else:
             state = convert_pickle(part, dest, source=url, name=name)
             prefixes = ", ".join(sorted({k.split(".")[0] for k in state}))
@@ -518,28 +600,37 @@ def fetch(name, root, url=None, sha256=None, force=False):
 def print_list():
     print(f"{'name':30} {'kind':11} {'size':9} {'sha256':8} source -> destination (under --root)")
     for name, e in CHECKPOINTS.items():
-        print(f"{name:30} {e.kind:11} {e.size:9} {'known' if e.sha256 else 'unknown':8} {e.url} -> {e.dest}")
+        digest = "known" if e.sha256 else "prefix" if e.sha256_prefix else "unknown"
+        print(f"{name:30} {e.kind:11} {e.size:9} {digest:8} {e.url} -> {e.dest}")
     print(
         "\nSizes are approximate. 'unknown' sha256: the digest of your download is printed and kept in <destination>.sha256."
     )
+    print(f"\nfid-ref NAME_OR_PATH: FID reference statistics; named datasets: {', '.join(inception.REFS)}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         usage="%(prog)s NAME [--root DIR] [--url URL] [--sha256 HEX] [--force]\n"
         "       %(prog)s convert PICKLE OUT.safetensors [--as NAME]\n"
+        "       %(prog)s fid-ref DATASET [--data PATH] [--out REF.npz] [--inception WEIGHTS] [--batch N] [--device DEV]\n"
         "       %(prog)s --list",
-        description="Download checkpoints and data for nanofastgen; convert EDM/EDM2 pickles to safetensors without running their code.",
+        description="Download checkpoints and data for nanofastgen; convert EDM/EDM2 pickles to safetensors without "
+        "running their code; compute FID reference statistics.",
         epilog="examples:\n"
         "  python download.py --list\n"
         "  python download.py edm2-img64-s-fid --root /data/ckpt\n"
         "  python download.py cifar10\n"
-        "  python download.py convert network-snapshot.pkl net.safetensors",
+        "  python download.py convert network-snapshot.pkl net.safetensors\n"
+        "  python download.py inception && python download.py fid-ref cifar10",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("name", nargs="?", metavar="NAME", help="a name from --list, or 'convert'")
+    parser.add_argument("name", nargs="?", metavar="NAME", help="a name from --list, 'convert' or 'fid-ref'")
     parser.add_argument(
-        "paths", nargs="*", metavar="PATH", help="for 'convert': the local pickle, then the .safetensors to write"
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="for 'convert': the local pickle, then the .safetensors to write; for 'fid-ref': the dataset, a name "
+        f"({', '.join(inception.REFS)}) or an EDM-style zip or folder of PNGs",
     )
     parser.add_argument(
         "--root",
@@ -565,26 +656,49 @@ def main(argv=None):
     parser.add_argument(
         "--list", action="store_true", help="list every known name with its size, source and destination"
     )
+    fid = parser.add_argument_group("fid-ref")
+    fid.add_argument("--data", metavar="PATH", help="where a named dataset is read (default: its place under --root)")
+    fid.add_argument(
+        "--out", metavar="REF.npz", help="statistics file (default: fid-refs/<dataset>.npz under --root, where "
+        "`sample.py --fid_ref NAME` looks)",
+    )  # fmt: skip
+    fid.add_argument("--inception", metavar="WEIGHTS", help=f"Inception .safetensors (default: {inception.FILE} under --root)")  # fmt: skip
+    fid.add_argument("--batch", type=int, default=64, help="images per Inception call")
+    fid.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     if args.list:
         print_list()
         return
     if args.name is None:
-        parser.error("give a NAME (see --list) or 'convert PICKLE OUT'")
+        parser.error("give a NAME (see --list), 'convert PICKLE OUT' or 'fid-ref DATASET'")
     if args.name == "convert" and len(args.paths) != 2:
         parser.error("convert takes two paths: PICKLE OUT.safetensors")
-    if args.name != "convert" and args.name not in CHECKPOINTS:
+    if args.name == "fid-ref" and len(args.paths) != 1:
+        parser.error(f"fid-ref takes one dataset: a name ({', '.join(inception.REFS)}) or a zip or folder of PNGs")
+    if args.name not in ("convert", "fid-ref") and args.name not in CHECKPOINTS:
         parser.error(f"unknown name {args.name!r}; see --list")
-    if args.name != "convert" and args.paths:
+    if args.name not in ("convert", "fid-ref") and args.paths:
         parser.error(f"unexpected arguments after {args.name}: {' '.join(args.paths)}")
     try:
         if args.name == "convert":
             state = convert_pickle(args.paths[0], args.paths[1], name=args.as_name)
             print(f"wrote {args.paths[1]} ({len(state)} tensors)")
+        elif args.name == "fid-ref":
+            dataset = args.paths[0]
+            if dataset in inception.REFS:  # a named dataset: where `download.py NAME` writes it
+                data = args.data or os.path.join(args.root, CHECKPOINTS[dataset].dest)
+                out = args.out or os.path.join(args.root, inception.REFS[dataset])
+                if not os.path.exists(data):
+                    raise DownloadError(f"{data} not found; fetch it with `python download.py {dataset} --root {args.root}`")  # fmt: skip
+            else:
+                data = dataset
+                out = args.out or os.path.join(args.root, "fid-refs", Path(dataset).stem + ".npz")
+            count = fid_ref(data, out, args.inception, root=args.root, batch_size=args.batch, device=args.device)
+            print(f"wrote {out} (Inception feature statistics of {count} images in {data})")
         else:
             fetch(args.name, args.root, url=args.url, sha256=args.sha256, force=args.force)
-    except (DownloadError, FileNotFoundError) as e:
+    except (DownloadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -39,6 +39,8 @@ FILE = "inception/pt_inception-2015-12-05.safetensors"  # where `download.py inc
 RESOLUTION = 299  # every image is resized to this before the first layer
 FEATURE_DIM = 2048  # width of the pool3 features
 NUM_CLASSES = 1008  # the TF graph's classifier: 1000 ImageNet classes and 8 unused outputs
+# Reference statistics that `python download.py fid-ref NAME` computes from a dataset, relative to the root.
+REFS = {"cifar10": "fid-refs/cifar10-32x32.npz"}
 
 # ----------------------------------------------------------------------------
 # Building blocks. Every convolution is bias-free and followed by batch norm (eps 1e-3, TF's) and a ReLU.
@@ -245,6 +247,31 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     trace_root = torch.linalg.eigvalsh((product + product.T) / 2).clamp(min=0).sqrt().sum()
     distance = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_root
     return max(distance.item(), 0.0)  # a squared distance; below zero only by rounding when the stats are equal
+
+
+class FeatureStats:
+    """Mean and covariance of features seen one batch at a time, for sets too large to keep (ImageNet's 1.28M images):
+    running sums in float64, as EDM's fid.py keeps them. Under DDP, all-reduce `n`, `total` and `gram` (sums all)
+    before `mean_cov()`."""
+
+    def __init__(self, dim=FEATURE_DIM, device=None):
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+        self.total = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, features):
+        f = features.double()  # (N, D)
+        self.n += f.shape[0]
+        self.total += f.sum(0)
+        self.gram += f.T @ f
+
+    def mean_cov(self):
+        """Mean (D,) and unbiased covariance (D, D), float64: the same numbers as `feature_stats` of all features."""
+        n = self.n.item()
+        if n < 2:
+            raise ValueError(f"a covariance needs at least 2 feature vectors, got {n:g}")
+        mu = self.total / n
+        return mu, (self.gram - n * torch.outer(mu, mu)) / (n - 1)
 
 
 # ----------------------------------------------------------------------------

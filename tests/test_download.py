@@ -406,3 +406,93 @@ def test_hub_gated_repo_message(monkeypatch):
         match=r"org/gated is gated: accept its licence on https://huggingface.co/org/gated .*HF_TOKEN",
     ):
         download.hub_download("org/gated", ["*.json"])
+
+
+# -----------------------------------------------------------------------------
+# FID: the Inception weights, and reference statistics of a dataset
+
+
+def inception_pth(weights_file, path):
+    """A .pth as pytorch-fid publishes it: torch.save of the state dict (with the batch-norm counters)."""
+    torch.save(load_file(weights_file), path)
+    return path.read_bytes()
+
+
+def test_inception_download_checks_the_prefix_and_converts(server, tmp_path, monkeypatch, inception_weights):
+    from dataclasses import replace
+
+    from models import inception
+
+    body = inception_pth(inception_weights, tmp_path / "pt_inception.pth")
+    digest = hashlib.sha256(body).hexdigest()
+    # The real file's digest starts with 6726825d; this stand-in's with its own first 8 digits.
+    monkeypatch.setitem(download.CHECKPOINTS, "inception", replace(download.CHECKPOINTS["inception"], sha256_prefix=digest[:8]))  # fmt: skip
+    server.files["/pt_inception.pth"] = body
+    root = tmp_path / "root"
+    dest = download.fetch("inception", root, url=server.url + "/pt_inception.pth")
+    assert dest == root / inception.FILE
+    written, want = load_file(dest), load_file(inception_weights)
+    assert set(written) == set(want) and all(torch.equal(written[k], want[k]) for k in want)
+    assert Path(f"{dest}.sha256").read_text().split()[0] == digest  # the full digest, recorded for later downloads
+    inception.from_pretrained(root=str(root))  # loads strictly
+
+
+def test_inception_prefix_mismatch_leaves_nothing(server, tmp_path):
+    server.files["/pt_inception.pth"] = b"not the weights"
+    with pytest.raises(download.ChecksumError, match="expected 6726825d..."):
+        download.fetch("inception", tmp_path, url=server.url + "/pt_inception.pth")
+    assert list((tmp_path / "inception").iterdir()) == []
+
+
+def test_inception_conversion_runs_no_code_and_checks_keys(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"fc.weight": torch.zeros(1), "x": Payload(os.system, f"touch {marker}")}, evil)
+    with pytest.raises(download.DownloadError, match="could not read"):
+        download.convert_inception(evil, tmp_path / "out.safetensors")
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, wrong)
+    with pytest.raises(download.DownloadError, match=r"not the FID Inception network(.|\n)*missing:    Conv2d_1a_3x3"):
+        download.convert_inception(wrong, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_fid_ref_of_a_folder_and_a_zip(tmp_path, inception_weights):
+    from models import inception
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(5)]
+    images[2] = np.repeat(images[2][..., :1], 3, axis=-1)  # stored as a grey PNG below: read back as RGB
+    folder, archive = tmp_path / "folder", tmp_path / "data.zip"
+    (folder / "00000").mkdir(parents=True)
+    (folder / "dataset.json").write_text("{}")  # not an image: ignored
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i, img in enumerate(images):
+            name = f"00000/img{i:08d}.png"
+            Image.fromarray(img[..., 0] if i == 2 else img).save(folder / name)
+            zf.write(folder / name, name)
+
+    root = tmp_path / "root"
+    for data in (folder, archive):
+        result = run_cli("fid-ref", str(data), "--inception", str(inception_weights), "--root", str(root), "--batch", "2", "--device", "cpu")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    from_folder, from_zip = np.load(root / "fid-refs" / "folder.npz"), np.load(root / "fid-refs" / "data.npz")
+    assert from_folder["mu"].shape == (2048,) and from_folder["sigma"].shape == (2048, 2048)
+    assert from_folder["mu"].dtype == from_folder["sigma"].dtype == np.float64
+
+    model = inception.from_pretrained(str(inception_weights))
+    with torch.no_grad():
+        features = model(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
+    mu, sigma = inception.feature_stats(features)
+    for ref in (from_folder, from_zip):
+        assert np.allclose(ref["mu"], mu.numpy(), rtol=1e-5, atol=1e-6)
+        assert np.allclose(ref["sigma"], sigma.numpy(), rtol=1e-4, atol=1e-5 * np.abs(sigma.numpy()).max())
+    assert sorted(p.name for p in (root / "fid-refs").iterdir()) == ["data.npz", "folder.npz"]  # no temporary files
+
+
+def test_fid_ref_of_a_missing_dataset_names_the_download(tmp_path):
+    result = run_cli("fid-ref", "cifar10", "--root", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "python download.py cifar10" in result.stderr

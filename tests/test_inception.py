@@ -1,7 +1,7 @@
 """models/inception.py: keys of the real checkpoint, parity with pytorch-fid, strict loading, the Frechet distance.
 
 The fixture and manifest come from tests/generate/make_inception_fixtures.py (pytorch-fid's own network). Its weights
-are too many to commit; `hashed_weights` below remakes them exactly as the generator made them.
+are too many to commit; the `inception_weights` fixture (conftest.py) remakes them exactly as the generator made them.
 """
 
 import json
@@ -25,45 +25,6 @@ def manifest():
         return json.load(f)
 
 
-# The same as in tests/generate/make_inception_fixtures.py: an integer hash of each weight's position.
-def hashed_uniform(start, n):
-    h = torch.arange(start, start + n, dtype=torch.int64) & 0xFFFFFFFF
-    for _ in range(2):
-        h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
-    h = (h >> 16) ^ h
-    return h.double() / 2**32
-
-
-def hashed_weights(manifest):
-    state, start = {}, 0
-    for key, shape in manifest.items():
-        n = math.prod(shape)
-        u = hashed_uniform(start, n).reshape(shape)
-        start += n
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros(shape, dtype=torch.int64)
-            continue
-        if key.endswith("conv.weight") or key == "fc.weight":
-            fan_in = math.prod(shape[1:])
-            value = (u - 0.5) * math.sqrt(12) * math.sqrt((2 if key.endswith("conv.weight") else 1) / fan_in)
-        elif key.endswith("bn.weight"):
-            value = 0.8 + 0.4 * u
-        elif key.endswith("running_var"):
-            value = 0.5 + u
-        else:
-            value = 0.2 * (u - 0.5)
-        state[key] = value.float()
-    return state
-
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    """The hashed weights as a safetensors file, what `download.py inception` would write for the real ones."""
-    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
-    save_file(hashed_weights(manifest()), str(path))
-    return path
-
-
 def test_keys_and_shapes_match_the_real_checkpoint():
     with torch.device("meta"):
         model = inception.InceptionV3()
@@ -73,13 +34,13 @@ def test_keys_and_shapes_match_the_real_checkpoint():
     assert sum(math.prod(s) for s in ours.values()) == 23_885_486
 
 
-def test_features_match_pytorch_fid(weights_file):
+def test_features_match_pytorch_fid(inception_weights):
     fixture = load_file(FIXTURE)
-    weights = hashed_weights(manifest())
+    weights = load_file(inception_weights)
     sums = torch.stack([weights[k].double().sum() for k in manifest()])
     assert torch.allclose(sums, fixture["weight_sums"], rtol=1e-12, atol=1e-9), "the hashed weights changed"
 
-    model = inception.from_pretrained(str(weights_file))
+    model = inception.from_pretrained(str(inception_weights))
     with torch.no_grad():
         features = model(fixture["images"])  # uint8 (2, 3, 32, 32): resized to 299 inside
     want = fixture["features"]
@@ -167,3 +128,15 @@ def test_feature_stats_match_numpy():
     mu, sigma = inception.feature_stats(features)
     assert mu.dtype == sigma.dtype == torch.float64
     assert np.allclose(mu.numpy(), features.numpy().mean(0)) and np.allclose(sigma.numpy(), np.cov(features.numpy().T))
+
+
+def test_running_stats_equal_feature_stats():
+    features = torch.randn(300, 16, generator=torch.Generator().manual_seed(1)).relu() + 5  # a mean far from zero
+    running = inception.FeatureStats(dim=16)
+    for batch in features.split(64):
+        running.update(batch)
+    mu, sigma = running.mean_cov()
+    want_mu, want_sigma = inception.feature_stats(features)
+    assert torch.allclose(mu, want_mu, rtol=1e-12) and torch.allclose(sigma, want_sigma, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        inception.FeatureStats(dim=16).mean_cov()

@@ -13,8 +13,8 @@ Needs torch, torchvision, numpy and scipy (pytorch-fid's imports). Outputs (comm
                         and two random Gaussians with pytorch-fid's `calculate_frechet_distance` of them
 
 The full network has 23.9M weights, too many to commit; `hashed_weights` makes them from an integer hash of their
-position, exactly and identically on every machine, and tests/test_inception.py makes them the same way (the fixture
-keeps the sum of every tensor, so a difference in the weights shows up as such).
+position, exactly and identically on every machine, and tests/conftest.py makes them the same way (the fixture keeps
+the sum of every tensor, so a difference in the weights shows up as such).
 """
 
 import argparse
