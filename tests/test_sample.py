@@ -1,5 +1,6 @@
 """sample.py end to end, and the path from an official pickle to samples: download.py convert -> strict load -> sample."""
 
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,56 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "python download.py edm-cifar10-32x32-cond-vp" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------
+# FID
+
+
+def fid_run(tmp_path, name, ref, weights, *flags, nproc=None):
+    out = tmp_path / name
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    result = run(*launcher, "sample.py", "--model", "edm", "--tiny", "--steps", "2", "--batch", "3", "--fid", "8", "--fid_ref", str(ref), "--inception", str(weights), "--device", "cpu", "--out_dir", str(out), *flags)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with open(out / "fid.json") as f:
+        return json.load(f)
+
+
+def test_fid_against_the_samples_own_statistics_is_zero(tmp_path, inception_weights):
+    """Reference statistics of the very images sample.py generates, computed by `download.py fid-ref` from PNGs, give
+    FID 0: both paths judge the same uint8 images with the same features. Under torchrun the processes split the
+    images and sum the statistics, and the FID is 0 again."""
+    result = run("sample.py", "--model", "edm", "--tiny", "--steps", "2", "--n", "8", "--npz", "--out_dir", str(tmp_path / "png"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    images = np.load(tmp_path / "png" / "samples.npz")["images"]
+    (tmp_path / "data").mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / "data" / f"{i:03d}.png")
+    result = run("download.py", "fid-ref", str(tmp_path / "data"), "--out", str(tmp_path / "ref.npz"), "--inception", str(inception_weights), "--device", "cpu")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    sigma = np.load(tmp_path / "ref.npz")["sigma"]
+    assert np.trace(sigma) > 1  # features that differ between images: a zero below is not a degenerate network's
+
+    same = fid_run(tmp_path, "same", tmp_path / "ref.npz", inception_weights)
+    assert same["n"] == 8 and 0 <= same["fid"] < 1e-6 * np.trace(sigma)
+    assert Image.open(tmp_path / "same" / "samples.png").size == (3 * 8, 3 * 8)  # --n 64: all 8 on the grid
+
+    # Two processes: 4 images each; only the summed statistics of all 8 give 0 again.
+    split = fid_run(tmp_path, "split", tmp_path / "ref.npz", inception_weights, "--npz", nproc=2)
+    assert split["n"] == 8 and 0 <= split["fid"] < 1e-6 * np.trace(sigma)
+    assert np.array_equal(np.load(tmp_path / "split" / "samples.npz")["images"], images)  # gathered in order
+
+
+def test_fid_missing_files_name_the_download_commands(tmp_path):
+    result = run("sample.py", "--tiny", "--fid", "4", "--fid_ref", "cifar10", "--root", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "python download.py fid-ref cifar10" in result.stderr
+
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    result = run("sample.py", "--tiny", "--fid", "4", "--fid_ref", str(tmp_path / "ref.npz"), "--root", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "python download.py inception" in result.stderr
+
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(2048))
+    result = run("sample.py", "--tiny", "--fid", "4", "--fid_ref", str(tmp_path / "bad.npz"), "--root", str(tmp_path))
+    assert result.returncode != 0 and "mu and sigma" in result.stderr
