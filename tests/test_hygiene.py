@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from models import edm, edm2
+from models import dit, edm, edm2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".py") and f != "__init__.py")
@@ -46,3 +46,9 @@ SHARED = [
 def test_edm_family_copies_are_identical(name):
     """edm.py and edm2.py share the edm schedule, the samplers and the loader by copy; a fix to one goes to both."""
     assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(edm2, name))
+
+
+@pytest.mark.parametrize("name", ["_expand", "_safe", "_progress", "check_keys", "config_to_json"])
+def test_dit_copies_of_edm_helpers_are_identical(name):
+    """dit.py copies the schedule and loading helpers that do not depend on the schedule; they stay identical."""
+    assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(dit, name))
