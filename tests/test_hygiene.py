@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from models import edm, edm2, inception
+from models import dit, edm, edm2, inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".py") and f != "__init__.py")
@@ -51,3 +51,9 @@ def test_edm_family_copies_are_identical(name):
 def test_inception_key_check_is_the_edm_one():
     """models/inception.py reports checkpoint mismatches with the same copy of check_keys."""
     assert inspect.getsource(inception.check_keys) == inspect.getsource(edm.check_keys)
+
+
+@pytest.mark.parametrize("name", ["_expand", "_safe", "_progress", "check_keys", "config_to_json"])
+def test_dit_copies_of_edm_helpers_are_identical(name):
+    """dit.py copies the schedule and loading helpers that do not depend on the schedule; they stay identical."""
+    assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(dit, name))
