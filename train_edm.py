@@ -31,8 +31,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from models import edm, edm2
@@ -57,7 +60,7 @@ PRESETS = {
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="presets (flag defaults; explicit flags win):\n" + "\n".join(f"  {k:20s} {' '.join(f'--{a}={v}' for a, v in p.items())}" for k, p in PRESETS.items()))
 parser.add_argument("--preset", choices=sorted(PRESETS), default="", help="named flag defaults (see below); without --preset and --method: toy")
-parser.add_argument("--method", choices=["sft", "cm", "scm", "tcm", "meanflow"], default=None, help="default sft")
+parser.add_argument("--method", choices=["sft", "cm", "scm", "tcm", "meanflow", "dmd2", "fdistill", "kd"], default=None, help="default sft")
 # models and data
 parser.add_argument("--model", choices=sorted(MODELS), default="edm", help="model file: edm (SongUNet/ADM) or edm2")
 parser.add_argument("--teacher", default="", help="CONFIGS name or .safetensors: the pretrained net (student init, and teacher with --cd)")
@@ -109,8 +112,22 @@ parser.add_argument("--r_p_std", type=float, default=1.6)
 parser.add_argument("--r_ratio", type=float, default=0.75, help="meanflow: share of samples with r < t (the rest r = t)")
 parser.add_argument("--mf_norm_p", type=float, default=0.75, help="meanflow: adaptive weight 1 / (err + c)^p")
 parser.add_argument("--mf_norm_c", type=float, default=1e-3)
+# distribution matching (dmd2, fdistill) and knowledge distillation (kd)
+parser.add_argument("--student_update_freq", type=int, default=5, help="dmd2/fdistill: a generator step every N steps, critic steps between")  # fmt: skip
+parser.add_argument("--critic_lr", type=float, default=0.0, help="dmd2/fdistill: lr of the fake score and the GAN heads (0 = --lr)")  # fmt: skip
+parser.add_argument("--gan_weight", type=float, default=1e-3, help="dmd2/fdistill: weight of the generator's GAN loss (0 = no GAN heads)")  # fmt: skip
+parser.add_argument("--disc_features", default="", help="dmd2/fdistill: teacher feature levels for GAN heads, e.g. 0,1,2 (default: the lowest resolution)")  # fmt: skip
+parser.add_argument("--gan_same_t_noise", action="store_true", help="dmd2/fdistill: noise real data with the fake sample's t and noise")  # fmt: skip
+parser.add_argument("--r1_weight", type=float, default=0.0, help="dmd2/fdistill: approximate R1 weight (100-1000 when used)")
+parser.add_argument("--r1_alpha", type=float, default=0.1, help="dmd2/fdistill: scale of the R1 perturbation")
+parser.add_argument("--f_div", choices=["rkl", "kl", "js", "sf", "neyman", "sh", "jf"], default="js", help="fdistill: the f-divergence")  # fmt: skip
+parser.add_argument("--ratio_lower", type=float, default=0.1, help="fdistill: density-ratio clip")
+parser.add_argument("--ratio_upper", type=float, default=20.0)
+parser.add_argument("--ratio_bins", type=int, default=10, help="fdistill: t-bins normalising the ratio (0 = off)")
+parser.add_argument("--ratio_ema", type=float, default=0.0, help="fdistill: EMA rate of the per-bin ratio means")
+parser.add_argument("--pairs", default="", help="kd: directory of teacher pairs written by sample.py --save_pairs")
 # evaluation, checkpoints, logging
-parser.add_argument("--student_steps", type=int, default=1, help="sampling steps of the student in evaluations")
+parser.add_argument("--student_steps", type=int, default=1, help="sampling steps of the student (dmd2/fdistill/kd train for it)")
 parser.add_argument("--eval_every", type=int, default=500, help="sample grid (and toy FID on toy data) every N steps")
 parser.add_argument("--eval_n", type=int, default=1000, help="samples per toy-FID evaluation (0 = no toy FID)")
 parser.add_argument("--quality_report", action="store_true", help="at the end, teacher 35 / teacher 1 / student 1 table (toy data)")
@@ -196,6 +213,8 @@ def set_rng(state, device):
 def make_data(args):
     """A function (step, shard, n) -> (x0, labels), a pure function of its arguments so that --resume is exact and
     the global batch is the same however it is split over processes and accumulation rounds."""
+    if args.method == "kd":
+        return make_pairs(args)
     if args.data == "toy":
         import toy
 
@@ -218,6 +237,29 @@ def make_data(args):
 
     num_classes = 0 if dataset.labels is None else int(dataset.labels.max()) + 1
     return batch, dataset[0].shape[-1], num_classes
+
+
+def make_pairs(args):
+    """Teacher pairs for kd (written by `sample.py --save_pairs DIR`): batches of (B, P + 1, C, H, W), the P stored
+    states of each teacher trajectory then its output, with labels."""
+    index_file = os.path.join(args.pairs, "pairs.json")
+    if not args.pairs or not os.path.exists(index_file):
+        raise SystemExit(f"error: --method kd needs --pairs DIR written by `sample.py --save_pairs DIR` ({index_file or '--pairs'} not found)")  # fmt: skip
+    with open(index_file) as f:
+        meta = json.load(f)
+    shards = [load_file(os.path.join(args.pairs, name)) for name in meta["shards"]]
+    states = torch.cat([s["states"] for s in shards])
+    pairs = torch.cat([states, torch.cat([s["x0"] for s in shards]).unsqueeze(1)], dim=1)
+    labels = torch.cat([s["labels"] for s in shards])
+    P = states.shape[1]
+    if P % args.student_steps:
+        raise SystemExit(f"error: pairs hold {P} trajectory states; a {args.student_steps}-step student needs a divisor of {P}")  # fmt: skip
+
+    def batch(step, shard, n):
+        index = torch.randint(len(pairs), (n,), generator=torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 0)))  # fmt: skip
+        return pairs[index], labels[index] if meta["label_dim"] else None
+
+    return batch, pairs.shape[-1], meta["label_dim"]
 
 
 # ----------------------------------------------------------------------------
@@ -434,6 +476,186 @@ def meanflow_loss(net, student, teacher, x0, labels, step, args, module):
 
 
 # ----------------------------------------------------------------------------
+# Distribution matching (DMD2, f-distill) and knowledge distillation. The generator and the critic (a fake score, a
+# trainable copy of the teacher, and GAN heads on frozen teacher features) take turns: one generator step every
+# --student_update_freq steps (DMD2 Sec. 4.2).
+
+
+def group_norm(channels):
+    """GroupNorm with the largest divisor of C that is at most 32 groups (C // 4 groups for narrow maps)."""
+    if channels <= 32:
+        return nn.GroupNorm(max(channels // 4, 1), channels)
+    return nn.GroupNorm(max(g for g in range(1, 33) if channels % g == 0), channels)
+
+
+class Discriminator(nn.Module):
+    """GAN heads on frozen teacher features (DMD2 Sec. 4.3), one per feature map: 4x4 stride-2 convolutions down to
+    4x4, a 4x4 stride-4 convolution to 1x1, then a 1x1 convolution to one logit. Input: a list of (B, C_i, H_i, W_i)
+    maps; output: logits (B, heads)."""
+
+    def __init__(self, indices, shapes):
+        super().__init__()
+        self.indices = tuple(indices)  # which teacher feature levels the heads read, in order
+        self.heads = nn.ModuleList()
+        for channels, size in shapes:
+            layers = []
+            while size > 4:
+                layers += [nn.Conv2d(channels, channels, 4, 2, 1), group_norm(channels), nn.SiLU()]
+                size //= 2
+            layers += [nn.Conv2d(channels, channels, size, size), group_norm(channels), nn.SiLU()]
+            layers += [nn.Conv2d(channels, 1, 1)]
+            self.heads.append(nn.Sequential(*layers))
+
+    def forward(self, features):
+        return torch.cat([head(f).flatten(1) for head, f in zip(self.heads, features)], dim=1)
+
+
+def student_input(x0, args, module):
+    """The generator's input and time: pure noise at the first t_list time for a one-step student; for K steps a
+    time drawn uniformly from the K non-zero t_list entries and the real batch noised to it (FastGen's few-step
+    DMD2: students learn on forward-noised data, not on their own trajectories)."""
+    times = module.t_list(args.student_steps).to(x0.device)
+    t_s = times[torch.randint(args.student_steps, (len(x0),), device=x0.device)]
+    eps = torch.randn_like(x0)
+    x_in = eps * bcast(t_s, x0).to(x0.dtype) if args.student_steps == 1 else x0 + eps * bcast(t_s, x0).to(x0.dtype)
+    return x_in, t_s
+
+
+def vsd_loss(g, x_teacher, x_fake, scale=None):
+    """The distribution-matching gradient (DMD Eq. 7) as a regression onto a fixed target: grad = w (D_fake - D_real)
+    with the per-sample normaliser w = 1 / mean|g - D_real| (DMD Eq. 8), times `scale` (f-distill's h); then
+    0.5 ||g - sg(g - grad)||^2 has gradient grad / numel with respect to g. Weights in float32."""
+    with torch.no_grad():
+        w = 1 / ((g.float() - x_teacher.float()).abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-6)
+        if scale is not None:
+            w = w * scale.float().reshape(-1, 1, 1, 1)
+        target = g.float() - w * (x_fake.float() - x_teacher.float())
+    return 0.5 * (g.float() - target).square().mean()
+
+
+# f-distill's weight h(r) of the density ratio r = p_data / p_student for each f-divergence (f-distill Table 1).
+F_WEIGHTS = {
+    "rkl": lambda r: torch.ones_like(r),
+    "kl": lambda r: r,
+    "js": lambda r: 1 - 1 / (1 + r),
+    "sf": lambda r: 1 / (1 + r),
+    "neyman": lambda r: 1 / r.clamp(min=1e-8),
+    "sh": lambda r: r.sqrt(),
+    "jf": lambda r: 1 + r,
+}
+
+
+def all_reduce_sum(x):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def f_weights(logits, t, bins, args, t_min):
+    """f-distill (Xu et al. 2025, Sec. 4): the density ratio from the discriminator, r = exp(logit) clipped to
+    [ratio_lower, ratio_upper]; divided by its running mean in linear t-bins (the ratio drifts with the noise
+    level); h = f_weight(r), normalised to mean one over the global batch. `bins` (ratio_bins,) is updated in place."""
+    with torch.no_grad():
+        r = logits.float().mean(dim=1).clamp(-10, 10).exp().clamp(args.ratio_lower, args.ratio_upper)
+        if args.ratio_bins:
+            # Linear bins over [t_min, t_max]: with EDM's Karras-spaced t most samples land in the first bin, as in
+            # FastGen (kept for parity).
+            index = ((t.float() - t_min) / (args.t_max - t_min) * args.ratio_bins).long().clamp(0, args.ratio_bins - 1)  # fmt: skip
+            counts = all_reduce_sum(torch.zeros(args.ratio_bins, device=r.device).index_add_(0, index, torch.ones_like(r)))  # fmt: skip
+            sums = all_reduce_sum(torch.zeros(args.ratio_bins, device=r.device).index_add_(0, index, r))
+            seen = counts > 0
+            bins[seen] = args.ratio_ema * bins[seen] + (1 - args.ratio_ema) * sums[seen] / counts[seen]
+            r = r / (bins[index] + 1e-6)
+        h = F_WEIGHTS[args.f_div](r)
+        total = all_reduce_sum(torch.stack([h.sum(), torch.tensor(float(len(h)), device=h.device)]))
+        return h / (total[0] / total[1] + 1e-6), r
+
+
+def dmd2_generator_loss(net, teacher, fake, disc, x0, labels, args, module, bins=None):
+    """DMD2's generator step (DMD2 Eq. 2 + Sec. 4.3): the VSD loss between the teacher's and the fake score's x0
+    predictions at a noised student sample, plus the non-saturating GAN loss softplus(-D) on teacher features;
+    f-distill scales the per-sample VSD weight by h(r) (f-distill Eq. 9)."""
+    x_in, t_s = student_input(x0, args, module)
+    g = net(x_in, t_s, labels)
+    t = sample_t(len(x0), args, module, x0.device)
+    x_t = g + bcast(t, g).to(g.dtype) * torch.randn_like(g)
+    with torch.no_grad():
+        x_fake = fake(x_t, t, labels)
+    logs, loss_gan, logits = {}, g.new_zeros(()), None
+    if disc is not None:  # the GAN gradient flows through the frozen teacher into x_t and g
+        x_teacher, features = teacher(x_t, t, labels, feature_indices=disc.indices)
+        logits = disc(features)
+        loss_gan = F.softplus(-logits.float()).mean()
+        logs["gan_loss_gen"] = loss_gan.item()
+    else:
+        with torch.no_grad():
+            x_teacher = teacher(x_t, t, labels)
+    x_teacher = x_teacher.detach()
+    if args.guidance != 1.0 and labels is not None:  # classifier-free guidance on the teacher's x0
+        with torch.no_grad():
+            x_teacher = x_teacher + (args.guidance - 1) * (x_teacher - teacher(x_t, t, None))
+    scale = None
+    if args.method == "fdistill":
+        scale, ratio = f_weights(logits, t, bins, args, module.T_MIN)
+        logs |= {"h_min": scale.min().item(), "h_mean": scale.mean().item(), "h_max": scale.max().item(), "ratio_mean": ratio.mean().item()}  # fmt: skip
+    loss_vsd = vsd_loss(g, x_teacher, x_fake, scale)
+    logs["vsd_loss"] = loss_vsd.item()
+    return loss_vsd + args.gan_weight * loss_gan, logs
+
+
+def dmd2_critic_loss(student, teacher, fake_net, disc_net, x0, labels, args, module):
+    """DMD2's critic step: the fake score learns the student's distribution by denoising score matching on student
+    samples (x0 target, FastGen's unweighted DSM), and the GAN heads learn to tell noised real data from noised
+    student samples, softplus(D(fake)) + softplus(-D(real)); optional approximate R1: the heads' logits should not
+    change when the real input moves by r1_alpha n (APT)."""
+    with torch.no_grad():
+        x_in, t_s = student_input(x0, args, module)
+        g = student(x_in, t_s, labels)
+    t = sample_t(len(x0), args, module, x0.device)
+    eps = torch.randn_like(g)
+    x_t = g + bcast(t, g).to(g.dtype) * eps
+    loss_fake = (fake_net(x_t, t, labels).float() - g.float()).square().mean()
+    logs = {"fake_score_loss": loss_fake.item()}
+    if disc_net is None:
+        return loss_fake, logs
+    if args.gan_same_t_noise:
+        t_real, eps_real = t, eps
+    else:
+        t_real, eps_real = sample_t(len(x0), args, module, x0.device), torch.randn_like(x0)
+    x_real = x0 + bcast(t_real, x0).to(x0.dtype) * eps_real
+    indices = disc_net.module.indices if isinstance(disc_net, DDP) else disc_net.indices
+    with torch.no_grad():
+        features = [teacher.features(x_t, t, labels, indices), teacher.features(x_real, t_real, labels, indices)]
+        if args.r1_weight > 0:
+            x_perturbed = x_real + args.r1_alpha * torch.randn_like(x_real)
+            features.append(teacher.features(x_perturbed, t_real, labels, indices))
+    # One pass of the heads over [fake; real; perturbed real], so that DDP sees a single forward per step.
+    logits = disc_net([torch.cat(maps) for maps in zip(*features)]).float().chunk(len(features))
+    loss_disc = F.softplus(logits[0]).mean() + F.softplus(-logits[1]).mean()
+    logs["gan_loss_disc"] = loss_disc.item()
+    loss = loss_fake + loss_disc
+    if args.r1_weight > 0:
+        loss_r1 = (logits[1] - logits[2]).square().mean()
+        logs["gan_loss_r1"] = loss_r1.item()
+        loss = loss + args.r1_weight * loss_r1
+    return loss, logs
+
+
+def kd_loss(net, pairs, labels, args, module):
+    """Knowledge distillation from teacher trajectories: regress the student's x0 onto the teacher's ODE solution
+    from the same starting point, 0.5 ||G(x_k, t_k) - x0_teacher||^2 (Luhman & Luhman 2021). `pairs` (B, P + 1, C,
+    H, W) holds P states of the teacher trajectory at t_list(P) and the teacher's output last; a K-step student
+    starts from the state at one of its own K times, drawn uniformly."""
+    states, target = pairs[:, :-1], pairs[:, -1]
+    K, P = args.student_steps, states.shape[1]
+    times = module.t_list(P).to(pairs.device)
+    pick = torch.randint(K, (len(pairs),), device=pairs.device) * (P // K)
+    x_in = states[torch.arange(len(pairs), device=pairs.device), pick]
+    x0_student = net(x_in, times[pick], labels)
+    return 0.5 * (x0_student.float() - target.float()).square().mean(), {}
+
+
+# ----------------------------------------------------------------------------
 # Sampling, evaluation and checkpoints
 
 
@@ -502,17 +724,18 @@ def quality_report(args, student, teacher, module, cfg, device, classifier):
     print(table)
 
 
-def save_checkpoint(args, step, student, emas, optimizer, scaler, config_json):
-    """ckpt_NNNNNNN/ written as a temporary directory and renamed, so a crash never leaves a half checkpoint."""
+def save_checkpoint(args, step, networks, state, config_json):
+    """ckpt_NNNNNNN/ written as a temporary directory and renamed, so a crash never leaves a half checkpoint.
+    `networks`: name -> module, each saved as NAME.safetensors (the networks' config in the metadata, except for the
+    script's own GAN heads); `state`: optimizer and other training state for state.pt."""
     final = os.path.join(args.out_dir, f"ckpt_{step:07d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    meta = {"config": config_json, "step": str(step)}
-    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, os.path.join(tmp, "student.safetensors"), metadata=meta)  # fmt: skip
-    for name, ema in emas.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, os.path.join(tmp, f"ema_{name}.safetensors"), metadata=meta)  # fmt: skip
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step}, os.path.join(tmp, "state.pt"))  # fmt: skip
+    for name, network in networks.items():
+        meta = {"step": str(step)} | ({"config": config_json} if name != "discriminator" else {})
+        save_file({k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}, os.path.join(tmp, f"{name}.safetensors"), metadata=meta)  # fmt: skip
+    torch.save(state | {"step": step}, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(vars(args) | {"step": step}, f, indent=1)
     shutil.rmtree(final, ignore_errors=True)
@@ -577,8 +800,13 @@ def main(args):
         torch.manual_seed(args.seed)
         student = Precond(cfg)
     use_labels = cfg.label_dim > 0 and not args.uncond and num_classes > 0
+    distribution_matching = args.method in ("dmd2", "fdistill")
+    if args.method == "fdistill" and args.gan_weight <= 0:
+        raise SystemExit("error: --method fdistill reads the density ratio off the GAN heads; give --gan_weight > 0")
+    if args.method == "kd" and args.xflip:
+        raise SystemExit("error: --xflip would flip the teacher's outputs but not its inputs; drop it for --method kd")
     teacher = None
-    if args.cd:
+    if args.cd or distribution_matching:
         if args.tiny or not args.teacher:
             teacher = Precond(replace(cfg, logvar_head=False, r_timestep=False, dropout=0.0, label_dropout=0.0))
             # No pretrained teacher: a frozen copy of the initial student stands in (smoke tests and benchmarks).
@@ -599,29 +827,58 @@ def main(args):
     student = student.to(device).train()
     if args.model == "edm2":
         edm2.forced_weight_normalization(student)
+    # DMD2's critic: the fake score starts as a copy of the teacher; the GAN heads read the frozen teacher's features.
+    fake = disc = None
+    critic_params = []
+    if distribution_matching:
+        fake = Precond(replace(teacher.cfg, dropout=cfg.dropout, label_dropout=0.0))
+        fake.load_state_dict(teacher.state_dict())
+        fake = fake.to(device).train()
+        if args.model == "edm2":
+            edm2.forced_weight_normalization(fake)
+        critic_params = list(fake.parameters())
+        if args.gan_weight > 0:
+            lowest = len(teacher.cfg.channel_mult) - 1  # the taps are the last encoder block of each level
+            indices = [int(i) for i in args.disc_features.split(",")] if args.disc_features else [lowest]
+            with torch.no_grad():
+                probe = torch.zeros(1, cfg.img_channels, resolution, resolution, device=device)
+                maps = teacher.features(probe, torch.ones(1, device=device), None, indices)
+            torch.manual_seed(rng_seed(args.seed, 3))
+            disc = Discriminator(indices, [(m.shape[1], m.shape[-1]) for m in maps]).to(device).train()
+            critic_params += list(disc.parameters())
     emas = {spec.replace("power:", "p"): Precond(cfg).to(device).eval().requires_grad_(False) for spec in args.ema.split(",") if spec}  # fmt: skip
     for ema in emas.values():
         ema.load_state_dict(student.state_dict())
-    net = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if distributed else student
+    net = DDP(student, find_unused_parameters=True) if distributed else student
+    fake_net = DDP(fake) if distributed and fake is not None else fake
+    disc_net = DDP(disc) if distributed and disc is not None else disc
+    bins = torch.ones(args.ratio_bins, device=device)  # f-distill's per-t-bin density-ratio means
     if master:
         print(f"student: {sum(p.numel() for p in student.parameters()):,} parameters, method {args.method}")
 
     opt_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[args.optimizer]
     optimizer = opt_class(student.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)  # fmt: skip
+    critic_lr = args.critic_lr or args.lr
+    critic_optimizer = opt_class(critic_params, lr=critic_lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay) if critic_params else None  # fmt: skip
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     micro = args.micro_batch or max(1, args.batch_size // world)
     accum = max(1, args.batch_size // (micro * world))
 
+    # What a checkpoint holds: every trained network and the state to continue exactly.
+    networks = {"student": student, **{f"ema_{name}": ema for name, ema in emas.items()}}
+    networks |= {name: m for name, m in (("fake_score", fake), ("discriminator", disc)) if m is not None}
+    optimizers = {"optimizer": optimizer, "critic_optimizer": critic_optimizer, "scaler": scaler}
+    optimizers = {name: o for name, o in optimizers.items() if o is not None}
     start = 0
     ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     if ckpt:
-        student.load_state_dict(load_file(os.path.join(ckpt, "student.safetensors")))
-        for name, ema in emas.items():
-            ema.load_state_dict(load_file(os.path.join(ckpt, f"ema_{name}.safetensors")))
+        for name, network in networks.items():
+            network.load_state_dict(load_file(os.path.join(ckpt, f"{name}.safetensors")))
         state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location=device)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        for name, o in optimizers.items():
+            o.load_state_dict(state[name])
+        bins.copy_(state["ratio_bins"])
         start = state["step"]
         if master:
             print(f"resumed from {ckpt} at step {start}")
@@ -653,6 +910,13 @@ def main(args):
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
+        # dmd2/fdistill alternate: a generator step every student_update_freq steps (counting from 1), critic steps
+        # (fake score and GAN heads) in between. Every other method updates the student at every step.
+        generator_step = not distribution_matching or (step + 1) % args.student_update_freq == 0
+        for critic in (fake, disc):
+            if critic is not None:
+                critic.train(not generator_step).requires_grad_(not generator_step)
+        trained = [net] if generator_step else [m for m in (fake_net, disc_net) if m is not None]
         tic = time.time()
         for m in range(accum):
             shard = rank * accum + m  # this micro-batch's place in the global batch
@@ -663,8 +927,10 @@ def main(args):
                 flip = torch.rand(len(x0), generator=torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 1))) < 0.5  # fmt: skip
                 x0 = torch.where(flip.to(device).reshape(-1, 1, 1, 1), x0.flip(3), x0)
             torch.manual_seed(rng_seed(args.seed, step, shard, 2))  # noise and dropout: exact on resume
-            sync = contextlib.nullcontext() if not distributed or m == accum - 1 else net.no_sync()
-            with sync:
+            with contextlib.ExitStack() as sync:  # all-reduce gradients on the last accumulation round only
+                if distributed and m < accum - 1:
+                    for module_ddp in trained:
+                        sync.enter_context(module_ddp.no_sync())
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     if args.method == "sft":
                         loss, logs = sft_loss(net, x0, labels, args, module)
@@ -674,20 +940,29 @@ def main(args):
                         loss, logs = tcm_loss(net, student, stage1, teacher, x0, labels, step, args, module)
                     elif args.method == "scm":
                         loss, logs = scm_loss(net, student, teacher, x0, labels, step, args, module)
-                    else:
+                    elif args.method == "meanflow":
                         loss, logs = meanflow_loss(net, student, teacher, x0, labels, step, args, module)
+                    elif args.method == "kd":
+                        loss, logs = kd_loss(net, x0, labels, args, module)
+                    elif generator_step:
+                        loss, logs = dmd2_generator_loss(net, teacher, fake, disc, x0, labels, args, module, bins)
+                    else:
+                        loss, logs = dmd2_critic_loss(student, teacher, fake_net, disc_net, x0, labels, args, module)
                 scaler.scale(loss / accum).backward()
-        scaler.unscale_(optimizer)
-        for p in student.parameters():
+        active, params = (optimizer, student.parameters()) if generator_step else (critic_optimizer, critic_params)
+        params = list(params)
+        scaler.unscale_(active)
+        for p in params:
             if p.grad is not None:
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        scaler.step(optimizer)
+        # The student's gradient is clipped; the critic's is not (FastGen clips the student only).
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if generator_step else math.inf)
+        scaler.step(active)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        active.zero_grad(set_to_none=True)
         if args.model == "edm2":  # keep every weight row at unit norm (EDM2 Eq. 66)
-            edm2.forced_weight_normalization(student)
-        with torch.no_grad():
+            edm2.forced_weight_normalization(student if generator_step else fake)
+        with torch.no_grad():  # every step, critic steps included, as FastGen's EMA callback does
             for spec, ema in zip(args.ema.split(","), emas.values()):
                 beta = ema_beta(spec, step + 1)
                 for p_ema, p in zip(ema.parameters(), student.parameters()):
@@ -708,7 +983,8 @@ def main(args):
                 if metrics:
                     bar.write(f"step {step_done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             if args.save_every and (step_done % args.save_every == 0 or step_done == args.max_steps):
-                save_checkpoint(args, step_done, student, emas, optimizer, scaler, module.config_to_json(cfg))
+                state = {name: o.state_dict() for name, o in optimizers.items()} | {"ratio_bins": bins}
+                save_checkpoint(args, step_done, networks, state, module.config_to_json(cfg))
     if master:
         log.close()
         if args.quality_report and classifier is not None and teacher is not None:
