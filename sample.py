@@ -59,6 +59,10 @@ parser.add_argument("--fid_ref", default=None, metavar="NAME_OR_NPZ",
                     help=f"FID reference statistics: {', '.join(inception.REFS)} (written by `download.py fid-ref NAME` under --root) or an .npz with mu and sigma")  # fmt: skip
 parser.add_argument("--inception", default=None, metavar="WEIGHTS",
                     help=f"FID Inception .safetensors (default: {inception.FILE} under --root, from `download.py inception`)")  # fmt: skip
+parser.add_argument("--save_pairs", default=None, metavar="DIR",
+                    help="instead of images, write --n (noise, teacher output) pairs for `train_edm.py --method kd --pairs DIR`: the Heun ODE solution of each noise, --batch pairs per shard; rerunning resumes")  # fmt: skip
+parser.add_argument("--pair_states", type=int, default=1, metavar="P",
+                    help="with --save_pairs: states of each trajectory kept, at the student times t_list(P) (1 = the noise; 4 for 2- and 4-step students)")  # fmt: skip
 parser.add_argument("--out_dir", default="out/samples", help="where samples.png (samples.npz, fid.json) are written")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -105,6 +109,66 @@ def load_fid_ref(name_or_path, root=None):
     return mu, sigma, path
 
 
+def teacher_trajectory(module, model, noise, labels, steps, guidance, states):
+    """The teacher's Heun solution (EDM Alg. 1) from t_list(states)[0] down to 0, on a Karras grid of `steps` levels
+    that also passes through every t_list(states) time. Returns the states there (B, states, C, H, W), the first
+    being the scaled noise, and the output (B, C, H, W)."""
+    marks = module.t_list(states)  # t_0 > ... > t_{P-1} > 0
+    grid = module.karras_sigmas(steps, module.T_MIN, float(marks[0]))
+    grid = torch.unique(torch.cat([grid, marks])).flip(0)  # descending, through every mark, ending at 0
+    x, path = noise.double() * marks[0], []
+    for t_from, t_to in zip(marks[:-1], marks[1:]):
+        path.append(x.float())
+        segment = grid[(grid <= t_from) & (grid >= t_to)]
+        x = module.sample_heun(model, (x / t_from).float(), labels, guidance=guidance, times=segment).double()
+    return torch.stack(path, dim=1), x.float()
+
+
+def save_pairs(args, module, model, steps, device, rank, world):
+    """Teacher pairs for knowledge distillation, in shards of --batch written atomically; shards already on disk are
+    kept, so an interrupted run continues where it stopped. Pair k uses seed --seed + k, as the image samples do."""
+    from safetensors.torch import save_file
+
+    cfg, out = model.cfg, args.save_pairs
+    settings = dict(model=args.model, ckpt="tiny" if args.tiny else args.ckpt, steps=steps, guidance=args.guidance,
+                    seed=args.seed, n=args.n, shard_size=args.batch, states=args.pair_states,
+                    times=module.t_list(args.pair_states)[:-1].tolist(), label_dim=cfg.label_dim,
+                    class_label=args.class_label)  # fmt: skip
+    index_file = os.path.join(out, "pairs.json")
+    if os.path.exists(index_file):
+        with open(index_file) as f:
+            old = {k: v for k, v in json.load(f).items() if k != "shards"}
+        if old != settings:
+            sys.exit(f"error: {out} holds pairs made with other settings ({old}); choose another --save_pairs DIR")
+    os.makedirs(out, exist_ok=True)
+    if rank == 0 and not os.path.exists(index_file):  # the settings first, so that a resumed run can be checked
+        with open(index_file + ".tmp", "w") as f:
+            json.dump(settings | {"shards": []}, f, indent=1)
+        os.replace(index_file + ".tmp", index_file)
+    starts = list(range(0, args.n, args.batch))
+    names = [f"pairs_{i:08d}.safetensors" for i in starts]
+    mine = [(i, name) for j, (i, name) in enumerate(zip(starts, names)) if j % world == rank]
+    todo = [(i, name) for i, name in mine if not os.path.exists(os.path.join(out, name))]
+    for i, name in tqdm(todo, unit="shard", desc=f"teacher pairs ({len(mine) - len(todo)} of {len(mine)} on disk)", disable=rank != 0):  # fmt: skip
+        gens = [torch.Generator().manual_seed(args.seed + k) for k in range(i, min(i + args.batch, args.n))]
+        shape = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        labels = torch.zeros(len(gens), dtype=torch.long)
+        if cfg.label_dim:
+            labels = torch.full((len(gens),), args.class_label) if args.class_label is not None else torch.cat([torch.randint(cfg.label_dim, (1,), generator=g) for g in gens])  # fmt: skip
+        states, x0 = teacher_trajectory(module, model, noise, labels.to(device) if cfg.label_dim else None, steps, args.guidance, args.pair_states)  # fmt: skip
+        tmp = os.path.join(out, name + ".tmp")
+        save_file({"states": states.cpu().contiguous(), "x0": x0.cpu().contiguous(), "labels": labels}, tmp)
+        os.replace(tmp, os.path.join(out, name))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        with open(index_file + ".tmp", "w") as f:
+            json.dump(settings | {"shards": names}, f, indent=1)
+        os.replace(index_file + ".tmp", index_file)
+        print(f"wrote {args.n} teacher pairs ({args.pair_states} states each) to {out}")
+
+
 def main(args):
     # Distributed setup: torchrun sets these; a plain `python` run is one process.
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -139,6 +203,14 @@ def main(args):
     steps = args.steps or (1 if args.sampler == "student" else 18)
     if args.class_label is not None and not 0 <= args.class_label < max(cfg.label_dim, 1):
         sys.exit(f"error: --class {args.class_label} is out of range; this model has {cfg.label_dim} classes")
+
+    if args.save_pairs:
+        if args.sampler != "heun" or args.fid:
+            sys.exit("error: --save_pairs solves the teacher's ODE with Heun; drop --sampler/--fid")
+        save_pairs(args, module, model, steps, device, rank, world)
+        if distributed:
+            dist.destroy_process_group()
+        return
 
     # This process's images: a contiguous share of 0..n-1, so that rank 0 holds the first ones (the grid).
     n = args.fid or args.n

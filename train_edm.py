@@ -247,6 +247,8 @@ def make_pairs(args):
         raise SystemExit(f"error: --method kd needs --pairs DIR written by `sample.py --save_pairs DIR` ({index_file or '--pairs'} not found)")  # fmt: skip
     with open(index_file) as f:
         meta = json.load(f)
+    if not meta["shards"]:
+        raise SystemExit(f"error: {args.pairs} is incomplete; rerun the sample.py --save_pairs command to finish it")
     shards = [load_file(os.path.join(args.pairs, name)) for name in meta["shards"]]
     states = torch.cat([s["states"] for s in shards])
     pairs = torch.cat([states, torch.cat([s["x0"] for s in shards]).unsqueeze(1)], dim=1)

@@ -733,16 +733,28 @@ def _guided_x0(model, x, t, class_labels, guidance):
 
 @torch.no_grad()
 def sample_heun(
-    model, noise, class_labels=None, steps=18, guidance=1.0, sigma_min=T_MIN, sigma_max=T_MAX, rho=RHO, progress=False
+    model,
+    noise,
+    class_labels=None,
+    steps=18,
+    guidance=1.0,
+    sigma_min=T_MIN,
+    sigma_max=T_MAX,
+    rho=RHO,
+    times=None,
+    progress=False,
 ):
-    """EDM's deterministic 2nd-order sampler (EDM Alg. 1) on the Karras grid; 2 * steps - 1 network evaluations."""
-    times = torch.cat([karras_sigmas(steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])
+    """EDM's deterministic 2nd-order sampler (EDM Alg. 1) on the Karras grid; 2 * steps - 1 network evaluations.
+    `times` (descending) replaces the grid, e.g. to stop at an intermediate noise level; x starts at noise * times[0]."""
+    if times is None:
+        times = torch.cat([karras_sigmas(steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])
+    times = torch.as_tensor(times, dtype=torch.float64)
     x = noise.double() * times[0]
-    for i in _progress(range(steps), progress):
+    for i in _progress(range(len(times) - 1), progress):
         t_cur, t_next = times[i], times[i + 1]
         d = (x - _guided_x0(model, x.to(noise.dtype), t_cur.expand(len(x)), class_labels, guidance).double()) / t_cur
         x_next = x + (t_next - t_cur) * d
-        if i < steps - 1:  # 2nd-order correction, skipped at sigma = 0
+        if t_next > 0:  # 2nd-order correction, skipped at sigma = 0
             d2 = (
                 x_next
                 - _guided_x0(model, x_next.to(noise.dtype), t_next.expand(len(x)), class_labels, guidance).double()

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from models import edm, edm2
 
@@ -127,3 +127,52 @@ def test_fid_missing_files_name_the_download_commands(tmp_path):
     np.savez(tmp_path / "bad.npz", mean=np.zeros(2048))
     result = run("sample.py", "--tiny", "--fid", "4", "--fid_ref", str(tmp_path / "bad.npz"), "--root", str(tmp_path))
     assert result.returncode != 0 and "mu and sigma" in result.stderr
+
+
+def test_teacher_pairs_are_the_heun_solution_and_resume(tmp_path):
+    """--save_pairs: pair k starts from seed + k's noise scaled to t_list(1)[0] and ends at the Heun solution from
+    there; a deleted shard is rewritten identically on a rerun, and other settings are refused."""
+    out = tmp_path / "pairs"
+    flags = ["sample.py", "--tiny", "--save_pairs", str(out), "--n", "6", "--batch", "4", "--steps", "5"]
+    result = run(*flags)
+    assert result.returncode == 0, result.stderr
+    meta = json.load(open(out / "pairs.json"))
+    assert meta["shards"] == ["pairs_00000000.safetensors", "pairs_00000004.safetensors"]
+    shard = load_file(out / "pairs_00000004.safetensors")
+    assert shard["states"].shape == (2, 1, 3, 8, 8) and shard["x0"].shape == (2, 3, 8, 8)
+
+    torch.manual_seed(0)
+    model = edm.EDMPrecond(edm.CONFIGS["tiny"]).eval()
+    t0 = edm.t_list(1)[0]
+    gens = [torch.Generator().manual_seed(k) for k in (4, 5)]  # each pair's noise, then its class
+    noise = torch.stack([torch.randn(3, 8, 8, generator=g) for g in gens])
+    labels = torch.cat([torch.randint(10, (1,), generator=g) for g in gens])
+    assert torch.equal(shard["labels"], labels)
+    assert torch.allclose(shard["states"][:, 0], noise * t0.float(), rtol=1e-6)
+    expected = edm.sample_heun(model, noise, labels, steps=5, sigma_max=float(t0))
+    assert torch.allclose(shard["x0"], expected, atol=1e-5)
+
+    before = (out / "pairs_00000004.safetensors").read_bytes()
+    os.remove(out / "pairs_00000004.safetensors")
+    assert run(*flags).returncode == 0
+    assert (out / "pairs_00000004.safetensors").read_bytes() == before
+    other = run(*flags[:-1], "6")
+    assert other.returncode != 0 and "other settings" in other.stderr
+
+
+def test_teacher_pairs_keep_the_states_at_the_student_times(tmp_path):
+    """--pair_states 4: the trajectory passes through t_list(4); the state at each time, solved on from there,
+    reaches the same output."""
+    out = tmp_path / "pairs"
+    result = run("sample.py", "--tiny", "--save_pairs", str(out), "--n", "2", "--pair_states", "4", "--steps", "6")
+    assert result.returncode == 0, result.stderr
+    shard = load_file(out / "pairs_00000000.safetensors")
+    torch.manual_seed(0)
+    model = edm.EDMPrecond(edm.CONFIGS["tiny"]).eval()
+    times = edm.t_list(4)
+    # Solving on from state j with the same grid lands on the stored output.
+    grid = torch.unique(torch.cat([edm.karras_sigmas(6, edm.T_MIN, float(times[0])), times])).flip(0)
+    for j in range(4):
+        segment = grid[grid <= times[j]]
+        x0 = edm.sample_heun(model, shard["states"][:, j] / times[j].float(), shard["labels"], times=segment)
+        assert torch.allclose(x0, shard["x0"], atol=1e-4), j
