@@ -237,3 +237,15 @@ def test_kd_learns_the_teacher_pairs(tmp_path):
     losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
     assert len(losses) == 150
     assert sum(losses[-20:]) < 0.1 * sum(losses[:20])
+
+
+@pytest.mark.parametrize("method", ["dmd2", "fdistill"])
+def test_short_distribution_matching_improves_the_one_step_fid(tmp_path, method):
+    """From the shipped toy teacher with the embedded default's settings, 50 steps (10 generator steps) improve the
+    one-step toy FID over the first evaluation (the teacher in one step) several times over. Measured (500 samples,
+    the default run): 39724 -> 5518 at step 50 for dmd2."""
+    out = str(tmp_path / method)
+    run_script("--preset", "toy", "--method", method, "--max_steps", "50", "--eval_every", "50", "--eval_n", "200", "--save_every", "0", "--no-quality_report", "--out_dir", out)  # fmt: skip
+    evals = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if "eval_fid" in line]
+    assert [e["step"] for e in evals] == [0, 50]
+    assert evals[1]["eval_fid"] < 0.5 * evals[0]["eval_fid"]
