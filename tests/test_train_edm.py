@@ -273,8 +273,9 @@ TEACHER = os.path.join(ROOT, "assets", "toy_teacher.safetensors")
 
 DISTILL_FLAGS = {
     "cm": ["--lr", "1e-3", "--p_mean", "-1.1", "--p_std", "2.0", "--ct_kimg_per_stage", "4"],
-    "meanflow": ["--lr", "5e-4", "--p_mean", "-0.6", "--p_std", "1.6"],
-}
+    "meanflow": ["--batch_size", "16", "--lr", "5e-4", "--p_mean", "-0.6", "--p_std", "1.6"],
+    "scm": ["--batch_size", "16", "--lr", "5e-4", "--beta2", "0.99", "--p_mean", "-1.0", "--p_std", "1.4", "--tangent_warmup_steps", "50"],
+}  # fmt: skip
 
 
 def distill(out, method, *flags):
@@ -300,10 +301,16 @@ def test_short_distillation_improves_the_one_step_fid_cm(cm_stage_one):
 
 
 def test_short_distillation_improves_the_one_step_fid_meanflow(tmp_path):
-    """As for cm (measured 0.65x). sCD improves too, 0.76x with one thread but 0.90x with two: too close to call in
-    120 steps, so it is not asserted."""
+    """As for cm, at batch 16 (measured 0.62x)."""
     evals = distill(str(tmp_path / "meanflow"), "meanflow", "--save_every", "0", *DISTILL_FLAGS["meanflow"])
     assert evals[1]["eval_fid"] < 0.85 * evals[0]["eval_fid"]
+
+
+def test_short_distillation_improves_the_one_step_fid_scm(tmp_path):
+    """sCD improves more slowly from this small teacher: measured 0.85x with two threads and 0.80x with one at batch
+    16 (0.76x-0.90x over other batch sizes and learning rates), so the bar is lower."""
+    evals = distill(str(tmp_path / "scm"), "scm", "--save_every", "0", *DISTILL_FLAGS["scm"])
+    assert evals[1]["eval_fid"] < 0.95 * evals[0]["eval_fid"]
 
 
 def test_tcm_stage_two_improves_on_its_stage_one(tmp_path, cm_stage_one):
