@@ -6,44 +6,13 @@ end-to-end FID tests: through 94 layers their activations shrink to nothing and 
 """
 
 import json
-import math
 import os
 
 import pytest
-import torch
+from hashed_weights import hashed_weights
 from safetensors.torch import save_file
 
 INCEPTION_MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "manifests", "inception-2015-12-05.json")
-
-
-def hashed_uniform(start, n):
-    h = torch.arange(start, start + n, dtype=torch.int64) & 0xFFFFFFFF
-    for _ in range(2):
-        h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
-    h = (h >> 16) ^ h
-    return h.double() / 2**32
-
-
-def hashed_weights(manifest):
-    state, start = {}, 0
-    for key, shape in manifest.items():
-        n = math.prod(shape)
-        u = hashed_uniform(start, n).reshape(shape)
-        start += n
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros(shape, dtype=torch.int64)
-            continue
-        if key.endswith("conv.weight") or key == "fc.weight":
-            fan_in = math.prod(shape[1:])
-            value = (u - 0.5) * math.sqrt(12) * math.sqrt((2 if key.endswith("conv.weight") else 1) / fan_in)
-        elif key.endswith("bn.weight"):
-            value = 0.8 + 0.4 * u
-        elif key.endswith("running_var"):
-            value = 0.5 + u
-        else:
-            value = 0.2 * (u - 0.5)
-        state[key] = value.float()
-    return state
 
 
 @pytest.fixture(scope="session")
