@@ -965,8 +965,9 @@ def main(args):
                     else:
                         loss, logs = dmd2_critic_loss(student, teacher, fake_net, disc_net, x0, labels, args, module)
                 scaler.scale(loss / accum).backward()
-        active, params = (optimizer, student.parameters()) if generator_step else (critic_optimizer, critic_params)
-        params = list(params)
+        active, params = (
+            (optimizer, list(student.parameters())) if generator_step else (critic_optimizer, critic_params)
+        )
         scaler.unscale_(active)
         for p in params:
             if p.grad is not None:
