@@ -4,12 +4,14 @@ runs from the shipped toy teacher."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_train_edm import GaussDenoiser, args_for, run_script
+from test_train_edm import ROOT, GaussDenoiser, args_for, run_script
 
 import train_edm
 from models import edm
@@ -214,12 +216,9 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, method):
 
 
 def test_fdistill_needs_gan_heads(tmp_path):
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [sys.executable, "train_edm.py", "--method", "fdistill", "--tiny", "--gan_weight", "0", "--out_dir", str(tmp_path)],
-        cwd=train_edm.os.path.dirname(train_edm.__file__), capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode != 0 and "--gan_weight" in result.stderr
 
@@ -227,11 +226,8 @@ def test_fdistill_needs_gan_heads(tmp_path):
 def test_kd_learns_the_teacher_pairs(tmp_path):
     """sample.py --save_pairs (4 states) then a 2-step kd student from a different initialisation: the regression
     loss onto the teacher's outputs falls by an order of magnitude."""
-    import subprocess
-    import sys
-
     pairs, out = str(tmp_path / "pairs"), str(tmp_path / "kd")
-    made = subprocess.run([sys.executable, "sample.py", "--tiny", "--save_pairs", pairs, "--pair_states", "4", "--n", "64", "--batch", "32"], cwd=os.path.dirname(train_edm.__file__), capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    made = subprocess.run([sys.executable, "sample.py", "--tiny", "--save_pairs", pairs, "--pair_states", "4", "--n", "64", "--batch", "32"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
     assert made.returncode == 0, made.stderr
     run_script("--method", "kd", "--pairs", pairs, "--tiny", "--seed", "1", "--student_steps", "2", "--batch_size", "16", "--max_steps", "150", "--lr", "2e-3", "--optimizer", "adam", "--eval_every", "0", "--save_every", "0", "--out_dir", out)  # fmt: skip
     losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
