@@ -16,14 +16,19 @@ state dict with exactly the keys `state_dict()` of the real network would give (
     python download.py fid-ref cifar10                          # -> fid-refs/cifar10-32x32.npz, FID reference statistics
     python download.py fid-ref datasets/img64.zip --out refs/img64.npz   # any EDM-style zip or folder of PNGs
     python download.py convert network-snapshot.pkl out.safetensors   # convert a local pickle, no network
+    python download.py DiT-XL-2-256x256                         # -> imagenet-256/DiT-XL-2-256x256.pt, keys checked
+    python download.py sd-vae-ft-mse                            # a Hub repo, into the Hugging Face cache
+    HF_TOKEN=hf_... python download.py flux-dev                 # gated: accept the licence on the model page first
 
 Downloads resume (HTTP Range) into `<source file name>.part` next to the destination, are checked against
 the sha256 in the table below when one is known (otherwise the digest is printed and recorded in
 `<destination>.sha256`, and used to check later downloads), and every output is written atomically.
 `fid-ref` runs the FID Inception network (models/inception.py) over every image of a dataset and writes the mean and
 covariance of its features as an .npz with `mu` and `sigma`, the format of EDM's fid-refs.
-`--root` defaults to $CKPT_ROOT_DIR, else ./checkpoints. Hugging Face Hub repos go through `hub_download`,
-which honours HF_HOME, HF_HUB_OFFLINE=1, LOCAL_FILES_ONLY=true and HF_TOKEN.
+`--root` defaults to $CKPT_ROOT_DIR, else ./checkpoints. Hugging Face Hub repos (the `hub` names of --list) go
+through `hub_download`, which honours HF_HOME, HF_HUB_OFFLINE=1, LOCAL_FILES_ONLY=true and HF_TOKEN; only the files the
+models read are fetched (full-precision safetensors and configs, not the fp16/.bin/.ckpt copies), into the Hugging Face
+cache where the model files' `from_pretrained(NAME)` look, except the seed's Cosmos and Self-Forcing folders.
 """
 
 import argparse
@@ -53,7 +58,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from models import inception
+from models import dit, inception
 
 # -----------------------------------------------------------------------------
 # What can be fetched. Sizes are approximate: the pickles' from parameter counts (EDM fp32, EDM2 fp16).
@@ -65,7 +70,7 @@ class Entry:
     dest: str  # relative to --root
     sha256: str | None  # of the downloaded file; None = not published anywhere we could find
     size: str  # approximate download size, for --list
-    kind: str  # "edm-pickle" | "state-dict" | "dataset"; "hub" (url = repo id, fetched with hub_download) when Hub names are added
+    kind: str  # "edm-pickle" | "state-dict" (the FID Inception .pth) | "dit" (a DiT/SiT .pt, kept as is) | "dataset"
     sha256_prefix: str = ""  # the digest's first hex digits, where only those are published
 
 
@@ -93,6 +98,66 @@ CHECKPOINTS = {
     "edm2-img64-xl-fid":           Entry(url=EDM2_URL + "edm2-img64-xl-0671088-0.040.pkl",   dest="imagenet-64/edm2-img64-xl-fid.safetensors",           sha256=None, size="~2.2 GB", kind="edm-pickle"),
     "cifar10":                     Entry(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", dest="cifar10/cifar10-32x32.zip", sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", size="170 MB", kind="dataset"),
     "inception":                   Entry(url=inception.URL, dest=inception.FILE, sha256=None, sha256_prefix="6726825d", size="~95 MB", kind="state-dict"),
+    # DiT and SiT: plain state dicts, kept as released at the seed's paths (checked on arrival, loaded weights_only).
+    "DiT-XL-2-256x256":            Entry(url=dit.CONFIGS["DiT-XL-2-256x256"].url, dest=dit.CONFIGS["DiT-XL-2-256x256"].file, sha256=None, size="~2.7 GB", kind="dit"),
+    "DiT-XL-2-512x512":            Entry(url=dit.CONFIGS["DiT-XL-2-512x512"].url, dest=dit.CONFIGS["DiT-XL-2-512x512"].file, sha256=None, size="~2.7 GB", kind="dit"),
+    "SiT-XL-2-256x256":            Entry(url=dit.CONFIGS["SiT-XL-2-256x256"].url, dest=dit.CONFIGS["SiT-XL-2-256x256"].file, sha256=None, size="~2.7 GB", kind="dit"),
+}
+# fmt: on
+
+
+@dataclass(frozen=True)
+class HubEntry:
+    repo: str
+    patterns: tuple  # the files of the repo that the models need (snapshot_download allow_patterns)
+    size: str  # approximate, for --list
+    local_dir: str = ""  # relative to --root; "" = the Hugging Face cache, where from_pretrained finds Hub repos
+    gated: bool = False  # accept the licence on the model page and set HF_TOKEN
+
+
+def diffusers_folder(folder):
+    """A diffusers model folder: config.json and the fp32/bf16 weights (one file or sharded), no fp16/.bin variants."""
+    prefix = f"{folder}/" if folder else ""
+    weights = "diffusion_pytorch_model"
+    return (prefix + "config.json", f"{prefix}{weights}.safetensors", f"{prefix}{weights}.safetensors.index.json", f"{prefix}{weights}-*.safetensors")  # fmt: skip
+
+
+def transformers_folder(folder):
+    """A transformers model folder (text or image encoder), or a tokenizer / processor folder (every file)."""
+    if folder.startswith(("tokenizer", "image_processor", "scheduler")):
+        return (f"{folder}/*",)
+    return (f"{folder}/config.json", f"{folder}/model.safetensors", f"{folder}/model.safetensors.index.json", f"{folder}/model-*.safetensors")  # fmt: skip
+
+
+def pipeline(*folders):
+    return sum((diffusers_folder(f) if f in ("unet", "vae", "transformer") else transformers_folder(f) for f in folders), ())  # fmt: skip
+
+
+TEXT_TO_IMAGE = ("scheduler", "text_encoder", "tokenizer")
+SDXL_LIKE = TEXT_TO_IMAGE + ("text_encoder_2", "tokenizer_2")
+WAN = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
+# Hub repos (the seed's ids), fetched into the Hugging Face cache with only the files the models read. Sizes are
+# approximate totals of those files from their parameter counts and stored precision; "?" where the precision of the
+# stored files is not known here.
+# fmt: off
+HUB = {
+    "sd15":                 HubEntry("stable-diffusion-v1-5/stable-diffusion-v1-5", pipeline("unet", "vae", *TEXT_TO_IMAGE), "~4.3 GB"),  # runwayml/stable-diffusion-v1-5's copy
+    "sdxl":                 HubEntry("stabilityai/stable-diffusion-xl-base-1.0", pipeline("unet", "vae", *SDXL_LIKE), "~14 GB"),
+    "sd-vae-ft-mse":        HubEntry("stabilityai/sd-vae-ft-mse", diffusers_folder(""), "~335 MB"),  # DiT's and SiT's autoencoder
+    "sd-vae-ft-ema":        HubEntry("stabilityai/sd-vae-ft-ema", diffusers_folder(""), "~335 MB"),
+    "flux-dev":             HubEntry("black-forest-labs/FLUX.1-dev", pipeline("transformer", "vae", *SDXL_LIKE), "~34 GB", gated=True),
+    "flux-schnell":         HubEntry("black-forest-labs/FLUX.1-schnell", pipeline("transformer", "vae", *SDXL_LIKE), "~34 GB"),
+    "wan2.1-t2v-1.3b":      HubEntry("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", pipeline(*WAN), "?"),
+    "wan2.1-t2v-14b":       HubEntry("Wan-AI/Wan2.1-T2V-14B-Diffusers", pipeline(*WAN), "?"),
+    "wan2.1-i2v-14b-480p":  HubEntry("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", pipeline(*WAN, "image_encoder", "image_processor"), "?"),
+    "wan2.1-i2v-14b-720p":  HubEntry("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", pipeline(*WAN, "image_encoder", "image_processor"), "?"),
+    "wan2.1-vace-1.3b":     HubEntry("Wan-AI/Wan2.1-VACE-1.3B-Diffusers", pipeline(*WAN), "?"),
+    "cogvideox-2b":         HubEntry("THUDM/CogVideoX-2b", pipeline("transformer", "vae", *TEXT_TO_IMAGE), "?"),
+    "cogvideox-5b":         HubEntry("THUDM/CogVideoX-5b", pipeline("transformer", "vae", *TEXT_TO_IMAGE), "?"),
+    # The seed's `huggingface-cli download REPO --local-dir $CKPT_ROOT_DIR/...` commands: whole repos, kept under --root.
+    "cosmos-predict2.5-2b":  HubEntry("nvidia/Cosmos-Predict2.5-2B", ("*",), "?", local_dir="cosmos_predict2/Cosmos-Predict2.5-2B", gated=True),
+    "cosmos-predict2.5-14b": HubEntry("nvidia/Cosmos-Predict2.5-14B", ("*",), "?", local_dir="cosmos_predict2/Cosmos-Predict2.5-14B", gated=True),
+    "self-forcing-ode-init": HubEntry("gdhe17/Self-Forcing", ("checkpoints/ode_init.pt",), "?", local_dir="Self-Forcing"),
 }
 # fmt: on
 
@@ -580,6 +645,10 @@ def fetch(name, root, url=None, sha256=None, force=False):
         elif entry.kind == "state-dict":
             state = convert_inception(part, dest, source=url)
             print(f"wrote {dest} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values)")
+        elif entry.kind == "dit":
+            state = check_dit(part, name)
+            os.replace(part, dest)
+            print(f"wrote {dest} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values)")
         else:
             state = convert_pickle(part, dest, source=url, name=name)
             prefixes = ", ".join(sorted({k.split(".")[0] for k in state}))
@@ -589,12 +658,46 @@ def fetch(name, root, url=None, sha256=None, force=False):
     except UnsafePickleError:
         part.unlink()  # refused content will never be converted; do not keep it around
         raise
-    if not expected:
+    if not expected:  # before the move below: a recorded digest always belongs to the file at `dest`
         # Record the digest so that later downloads (and other users) can be checked against it.
         recorded.write_text(f"{actual}  {PurePosixPath(urlparse(url).path).name}\n")
         print(f"recorded the sha256 in {recorded}")
-    part.unlink()
+    part.unlink(missing_ok=True)  # a kept-as-is download was moved onto `dest`
     return dest
+
+
+def check_dit(path, name):
+    """A downloaded DiT/SiT .pt: a plain state dict of tensors (read with weights_only=True, so nothing in it runs)
+    with exactly the keys and shapes of models/dit.py's CONFIGS[name]. Returns the state dict."""
+    try:
+        state = dit.read_state_dict(str(path))
+    except ValueError as e:
+        raise UnsafePickleError(str(e)) from None  # refused content is deleted by `fetch`
+    with torch.device("meta"):
+        model = dit.DiT(dit.CONFIGS[name])
+    try:
+        dit.check_keys(model, state)
+    except ValueError as e:
+        raise DownloadError(f"{path} is not {name}: {e}") from None
+    return state
+
+
+def fetch_hub(name, root):
+    """Download a HUB entry's files (resumable, by huggingface_hub); returns the local folder."""
+    entry = HUB[name]
+    local_dir = os.path.join(root, entry.local_dir) if entry.local_dir else None
+    if entry.gated and not (os.environ.get("HF_TOKEN") or _hub_token()):
+        print(f"note: {entry.repo} is gated; without HF_TOKEN (or `hf auth login`) the download will be refused")
+    print(f"downloading {entry.repo} ({', '.join(entry.patterns)})")
+    folder = hub_download(entry.repo, list(entry.patterns), local_dir=local_dir)
+    print(f"{name}: {folder}" + ("" if local_dir else " (the Hugging Face cache; from_pretrained finds it there)"))
+    return folder
+
+
+def _hub_token():
+    from huggingface_hub import get_token
+
+    return get_token()
 
 
 def print_list():
@@ -602,6 +705,9 @@ def print_list():
     for name, e in CHECKPOINTS.items():
         digest = "known" if e.sha256 else "prefix" if e.sha256_prefix else "unknown"
         print(f"{name:30} {e.kind:11} {e.size:9} {digest:8} {e.url} -> {e.dest}")
+    for name, e in HUB.items():
+        where = e.local_dir or "the Hugging Face cache (HF_HOME)"
+        print(f"{name:30} {'hub':11} {e.size:9} {'gated' if e.gated else '':8} huggingface.co/{e.repo} -> {where}")
     print(
         "\nSizes are approximate. 'unknown' sha256: the digest of your download is printed and kept in <destination>.sha256."
     )
@@ -676,7 +782,7 @@ def main(argv=None):
         parser.error("convert takes two paths: PICKLE OUT.safetensors")
     if args.name == "fid-ref" and len(args.paths) != 1:
         parser.error(f"fid-ref takes one dataset: a name ({', '.join(inception.REFS)}) or a zip or folder of PNGs")
-    if args.name not in ("convert", "fid-ref") and args.name not in CHECKPOINTS:
+    if args.name not in ("convert", "fid-ref") and args.name not in CHECKPOINTS and args.name not in HUB:
         parser.error(f"unknown name {args.name!r}; see --list")
     if args.name not in ("convert", "fid-ref") and args.paths:
         parser.error(f"unexpected arguments after {args.name}: {' '.join(args.paths)}")
@@ -696,6 +802,11 @@ def main(argv=None):
                 out = args.out or os.path.join(args.root, "fid-refs", Path(dataset).stem + ".npz")
             count = fid_ref(data, out, args.inception, root=args.root, batch_size=args.batch, device=args.device)
             print(f"wrote {out} (Inception feature statistics of {count} images in {data})")
+        elif args.name in HUB:
+            if args.url or args.sha256 or args.force:
+                parser.error(f"{args.name} comes from the Hugging Face Hub, which checks and resumes its own files; "
+                             "--url, --sha256 and --force apply to direct downloads")  # fmt: skip
+            fetch_hub(args.name, args.root)
         else:
             fetch(args.name, args.root, url=args.url, sha256=args.sha256, force=args.force)
     except (DownloadError, FileNotFoundError, ValueError) as e:

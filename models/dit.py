@@ -59,7 +59,7 @@ class Config:
 
 # The official size presets (DiT and SiT models.py): name -> (depth, hidden_size, num_heads), with patch sizes 2, 4, 8.
 SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
-_SIT_URL = "https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0"  # fmt: skip
+_SIT_URL = "https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=1"  # fmt: skip
 
 CONFIGS = {
     f"{family}-{size}/{patch}": Config(

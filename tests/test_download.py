@@ -283,6 +283,8 @@ def test_list_prints_every_name(capsys):
     out = capsys.readouterr().out
     for name, entry in download.CHECKPOINTS.items():
         assert name in out and entry.url in out and entry.dest in out
+    for name, entry in download.HUB.items():
+        assert name in out and entry.repo in out
 
 
 # -----------------------------------------------------------------------------
@@ -496,3 +498,111 @@ def test_fid_ref_of_a_missing_dataset_names_the_download(tmp_path):
     result = run_cli("fid-ref", "cifar10", "--root", str(tmp_path))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "python download.py cifar10" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# DiT / SiT: released .pt state dicts, checked on arrival and kept as is
+
+
+@pytest.fixture
+def tiny_dit_release(monkeypatch):
+    """Stand in the tiny DiT for DiT-XL-2-256x256 (same file name and place), so a download is a few kB."""
+    from dataclasses import replace
+
+    from models import dit
+
+    name = "DiT-XL-2-256x256"
+    monkeypatch.setitem(dit.CONFIGS, name, replace(dit.CONFIGS["tiny"], file=dit.CONFIGS[name].file))
+    torch.manual_seed(0)
+    return name, dit.DiT(dit.CONFIGS["tiny"]).state_dict()
+
+
+def test_dit_download_is_checked_and_loads(server, tmp_path, tiny_dit_release):
+    from models import dit
+
+    name, state = tiny_dit_release
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    server.files["/DiT.pt"] = buffer.getvalue()
+    root = tmp_path / "root"
+    dest = download.fetch(name, root, url=server.url + "/DiT.pt")
+    assert dest == root / "imagenet-256" / "DiT-XL-2-256x256.pt" and not list(dest.parent.glob("*.part"))
+    assert Path(f"{dest}.sha256").read_text().split()[0] == hashlib.sha256(buffer.getvalue()).hexdigest()
+    model = dit.from_pretrained(name, root=str(root))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_dit_download_refuses_code_and_wrong_keys(server, tmp_path, tiny_dit_release):
+    name, state = tiny_dit_release
+    marker = tmp_path / "pwned"
+    evil = io.BytesIO()
+    torch.save({"pos_embed": torch.zeros(1), "x": Payload(os.system, f"touch {marker}")}, evil)
+    server.files["/evil.pt"] = evil.getvalue()
+    with pytest.raises(download.UnsafePickleError, match="weights_only"):
+        download.fetch(name, tmp_path, url=server.url + "/evil.pt")
+    assert not marker.exists() and list((tmp_path / "imagenet-256").iterdir()) == []  # refused part deleted
+
+    other = io.BytesIO()
+    torch.save({k: v for k, v in state.items() if k != "pos_embed"}, other)
+    server.files["/other.pt"] = other.getvalue()
+    with pytest.raises(download.DownloadError, match=r"is not DiT-XL-2-256x256(.|\n)*missing:    pos_embed"):
+        download.fetch(name, tmp_path, url=server.url + "/other.pt")
+    assert not (tmp_path / "imagenet-256" / "DiT-XL-2-256x256.pt").exists()
+
+
+# -----------------------------------------------------------------------------
+# Hub repos: only the files the models read
+
+
+# Some of the files of the released repos (their Hub listings): weights in several formats and precisions, of which
+# only the full-precision safetensors (one file or sharded) and each folder's configs may be fetched.
+REPO_FILES = {
+    "sd15": [
+        "v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors", "model_index.json", "safety_checker/model.safetensors",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.bin",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+        "text_encoder/model.safetensors", "text_encoder/pytorch_model.bin", "tokenizer/vocab.json",
+        "tokenizer/merges.txt", "scheduler/scheduler_config.json",
+    ],
+    "flux-dev": [
+        "flux1-dev.safetensors", "ae.safetensors", "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+        "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+        "transformer/diffusion_pytorch_model-00003-of-00003.safetensors", "text_encoder_2/model.safetensors.index.json",
+        "text_encoder_2/model-00001-of-00002.safetensors", "text_encoder_2/config.json", "tokenizer_2/spiece.model",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    ],
+}  # fmt: skip
+WANTED = {
+    "sd15": {
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
+        "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json",
+    },
+    "flux-dev": set(REPO_FILES["flux-dev"]) - {"flux1-dev.safetensors", "ae.safetensors"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(REPO_FILES))
+def test_hub_entries_fetch_only_what_the_models_read(name):
+    from huggingface_hub.utils import filter_repo_objects
+
+    chosen = set(filter_repo_objects(REPO_FILES[name], allow_patterns=list(download.HUB[name].patterns)))
+    assert chosen == WANTED[name]
+
+
+def test_hub_cli_passes_the_entry(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)) or str(tmp_path))  # fmt: skip
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    download.main(["cosmos-predict2.5-2b", "--root", str(tmp_path / "ckpt")])
+    repo, kw = calls[0]
+    assert repo == "nvidia/Cosmos-Predict2.5-2B" and kw["local_dir"] == str(tmp_path / "ckpt" / "cosmos_predict2" / "Cosmos-Predict2.5-2B")  # fmt: skip
+    download.main(["sd-vae-ft-mse"])
+    assert calls[1][0] == "stabilityai/sd-vae-ft-mse" and calls[1][1]["local_dir"] is None  # the cache
+    with pytest.raises(SystemExit):
+        download.main(["sdxl", "--sha256", "00"])
+    assert "--url, --sha256 and --force apply to direct downloads" in capsys.readouterr().err
