@@ -5,6 +5,9 @@
     python sample.py --model edm --ckpt edm-cifar10-32x32-cond-vp --steps 18  # EDM's Heun sampler, 35 evaluations
     python sample.py --model edm2 --ckpt edm2-img64-s-fid --class 88 --guidance 1.4 --n 16
     python sample.py --model edm --ckpt runs/dmd2/student.safetensors --sampler student --steps 1
+    python download.py DiT-XL-2-256x256 && python download.py sd-vae-ft-mse
+    python sample.py --model dit --ckpt DiT-XL-2-256x256 --steps 250 --guidance 4.0 --n 16   # DiT's ancestral sampler
+    python sample.py --model sit --ckpt SiT-XL-2-256x256 --sampler heun --steps 50 --guidance 4.0
     python download.py inception && python download.py cifar10 && python download.py fid-ref cifar10
     torchrun --nproc_per_node=8 sample.py --model edm --ckpt edm-cifar10-32x32-cond-vp --fid 50000 --fid_ref cifar10
 
@@ -16,6 +19,11 @@ FID (`--fid N`): the N images are judged as they would be saved (uint8), by the 
 `mu` and `sigma`). Image k uses seed --seed + k, as in EDM's generate.py; EDM's protocol is `--fid 50000` (its paper
 reports the best of three such runs with different seeds). Under torchrun each process generates a contiguous share of the images and the
 feature statistics are summed over processes; fid.json in --out_dir records the result.
+
+Latent models (dit, sit) sample ImageNet SD-VAE latents; --vae (default sd-vae-ft-mse, DiT's choice; a Hub repo of
+models/autoencoder_kl.py or a local folder) decodes them to images. DiT's ancestral `ddpm` sampler draws fresh noise at
+every step from a generator seeded per batch, so its images also depend on --batch; every other sampler is
+deterministic given the noise.
 """
 
 import argparse
@@ -31,20 +39,31 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models import edm, edm2, inception
+from models import autoencoder_kl, dit, edm, edm2, inception
 
-# model name -> (model file, model class)
-MODELS = {"edm": (edm, edm.EDMPrecond), "edm2": (edm2, edm2.EDM2Precond)}
+# model name -> (model file, model class, its tiny config, samplers with the first as default)
+MODELS = {
+    "edm": (edm, edm.EDMPrecond, "tiny", ("heun", "euler", "student")),
+    "edm2": (edm2, edm2.EDM2Precond, "tiny", ("heun", "euler", "student")),
+    "dit": (dit, dit.DiT, "tiny", ("ddpm", "ddim", "student")),
+    "sit": (dit, dit.DiT, "tiny-sit", ("heun", "euler", "student")),
+}
+LATENT = {"dit", "sit"}  # models of VAE latents, decoded with --vae
+DEFAULT_STEPS = {"heun": 18, "euler": 18, "student": 1, "ddpm": 250, "ddim": 50}  # EDM's 18, DiT's 250
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", choices=sorted(MODELS), default="edm", help="model family")
-parser.add_argument("--ckpt", default=None, help="CONFIGS name or .safetensors path (required unless --tiny)")
+parser.add_argument("--ckpt", default=None, help="CONFIGS name or checkpoint path (.safetensors; DiT/SiT also .pt); required unless --tiny")  # fmt: skip
+parser.add_argument("--arch", default=None, help="dit/sit: the CONFIGS name of a checkpoint file that does not say (e.g. SiT-XL/2)")  # fmt: skip
+parser.add_argument("--vae", default="sd-vae-ft-mse", help="dit/sit: the autoencoder that decodes latents (models/autoencoder_kl.py name, Hub repo or folder)")  # fmt: skip
 parser.add_argument("--tiny", action="store_true", help="a tiny randomly initialised network: checks the code path")
 parser.add_argument("--root", default=None, help="checkpoint root for CONFIGS names (default $CKPT_ROOT_DIR or ./checkpoints)")  # fmt: skip
-parser.add_argument("--sampler", choices=["heun", "euler", "student"], default="heun",
-                    help="heun: EDM Alg. 1 (teachers); euler: first-order ODE; student: x0 then re-noise (distilled students)")  # fmt: skip
-parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 18 for heun/euler, 1 for student)")
+parser.add_argument("--sampler", choices=sorted(DEFAULT_STEPS), default=None,
+                    help="heun: EDM Alg. 1 (teachers; default for edm, edm2, sit); euler: first-order ODE; student: x0 then re-noise (distilled students); dit: ddpm (ancestral, learned variance; its default) or ddim")  # fmt: skip
+parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 18 for heun/euler, 250 for ddpm, 50 for ddim, 1 for student)")  # fmt: skip
 parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale; 1 = off")
+parser.add_argument("--guided_channels", type=int, default=None,
+                    help="dit/sit: guide only the first K latent channels; 3 reproduces the official samplers and their FIDs (default: all)")  # fmt: skip
 parser.add_argument("--class", dest="class_label", type=int, default=None,
                     help="class index for every sample (default: random classes; ignored by unconditional models)")  # fmt: skip
 parser.add_argument("--n", type=int, default=64, help="number of images; with --fid, how many of them the grid shows")
@@ -169,6 +188,23 @@ def save_pairs(args, module, model, steps, device, rank, world):
         print(f"wrote {args.n} teacher pairs ({args.pair_states} states each) to {out}")
 
 
+def generate(args, module, model, noise, y, steps, device, seed):
+    """One batch from --sampler: images for pixel models, latents for dit/sit."""
+    guide = dict(guidance=args.guidance)
+    if args.guided_channels is not None:
+        guide["guided_channels"] = args.guided_channels
+    if args.sampler == "ddpm":
+        generator = torch.Generator(device).manual_seed(seed)
+        return module.sample_ddpm(model, noise, y, steps=steps, generator=generator, **guide)
+    if args.sampler == "ddim":
+        return module.sample_ddim(model, noise, y, steps=steps, **guide)
+    if args.sampler == "heun":
+        return module.sample_heun(model, noise, y, steps=steps, **guide)
+    if args.sampler == "euler":
+        return module.sample_euler(model, noise, y, steps=steps, **guide)
+    return module.sample_student(model, noise, y, steps=steps, **guide)
+
+
 def main(args):
     # Distributed setup: torchrun sets these; a plain `python` run is one process.
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -181,28 +217,48 @@ def main(args):
         torch.cuda.set_device(device)
     master = rank == 0
 
-    module, model_class = MODELS[args.model]
+    module, model_class, tiny, samplers = MODELS[args.model]
+    args.sampler = args.sampler or samplers[0]
+    if args.sampler not in samplers:
+        sys.exit(f"error: --model {args.model} samples with {', '.join(samplers)}, not {args.sampler}")
     if args.fid and args.fid_ref is None:
         sys.exit(f"error: --fid needs --fid_ref: {', '.join(inception.REFS)} or an .npz with mu and sigma")
+    if args.guided_channels is not None and args.sampler not in ("ddpm", "ddim"):
+        sys.exit("error: --guided_channels applies to DiT's ddpm and ddim samplers (the others guide every channel)")
+    if args.save_pairs and args.model in LATENT:
+        sys.exit("error: --save_pairs writes teacher pairs for train_edm.py's EDM models (edm, edm2)")
+    vae = None
     try:
         if args.tiny:
             torch.manual_seed(args.seed)
-            model = model_class(module.CONFIGS["tiny"]).eval()
+            model = model_class(module.CONFIGS[tiny]).eval()
+            if args.model in LATENT:  # a random tiny autoencoder: checks the decode path
+                vae = autoencoder_kl.AutoencoderKL(autoencoder_kl.CONFIGS["tiny"]).eval().to(device)
         elif args.ckpt is None:
-            sys.exit("error: give --ckpt NAME_OR_PATH (a CONFIGS name or a .safetensors file), or --tiny")
+            sys.exit("error: give --ckpt NAME_OR_PATH (a CONFIGS name or a checkpoint file), or --tiny")
+        elif args.model in LATENT:
+            model = module.from_pretrained(args.ckpt, config=args.arch, root=args.root)
+            want = "rf" if args.model == "sit" else "ddpm"
+            if model.cfg.schedule != want:
+                sys.exit(f"error: {args.ckpt} is a {'SiT' if want == 'ddpm' else 'DiT'} checkpoint; use --model {'sit' if want == 'ddpm' else 'dit'}")  # fmt: skip
+            vae = autoencoder_kl.from_pretrained(args.vae, device=device)
         else:
             model = module.from_pretrained(args.ckpt, root=args.root)
         if args.fid:  # before sampling: a missing file should not cost a sampling run
             ref_mu, ref_sigma, ref_path = load_fid_ref(args.fid_ref, args.root)
             detector = inception.from_pretrained(args.inception, root=args.root, device=device)
             stats = inception.FeatureStats(device=device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     model = model.to(device)
     cfg = model.cfg
-    steps = args.steps or (1 if args.sampler == "student" else 18)
-    if args.class_label is not None and not 0 <= args.class_label < max(cfg.label_dim, 1):
-        sys.exit(f"error: --class {args.class_label} is out of range; this model has {cfg.label_dim} classes")
+    steps = args.steps or DEFAULT_STEPS[args.sampler]
+    if args.model in LATENT:
+        shape, classes = (cfg.in_channels, cfg.input_size, cfg.input_size), cfg.num_classes
+    else:
+        shape, classes = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution), cfg.label_dim
+    if args.class_label is not None and not 0 <= args.class_label < max(classes, 1):
+        sys.exit(f"error: --class {args.class_label} is out of range; this model has {classes} classes")
 
     if args.save_pairs:
         if args.sampler != "heun" or args.fid:
@@ -221,37 +277,33 @@ def main(args):
     for i in bar:
         # Image k draws its noise (and class) from seed `--seed + k`, as EDM's generate.py: results do not depend on
         # --batch or the number of processes, and any subset of images can be regenerated alone.
-        shape = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
         gens = [torch.Generator().manual_seed(args.seed + k) for k in range(i, min(i + args.batch, last))]
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
         y = None
-        if cfg.label_dim:
+        if classes:
             if args.class_label is not None:
                 y = torch.full((len(gens),), args.class_label)
             else:
-                y = torch.cat([torch.randint(cfg.label_dim, (1,), generator=g) for g in gens])
+                y = torch.cat([torch.randint(classes, (1,), generator=g) for g in gens])
             labels.append(y)
             y = y.to(device)
-        if args.sampler == "heun":
-            x = module.sample_heun(model, noise, y, steps=steps, guidance=args.guidance)
-        elif args.sampler == "euler":
-            x = module.sample_euler(model, noise, y, steps=steps, guidance=args.guidance)
-        else:
-            x = module.sample_student(model, noise, y, steps=steps, guidance=args.guidance)
+        x = generate(args, module, model, noise, y, steps, device, seed=args.seed + i)
+        if vae is not None:
+            with torch.no_grad():
+                x = vae.decode(x.to(next(vae.parameters()).dtype))  # latents -> images in [-1, 1]
         batch = to_uint8(x)  # (B, H, W, C): what a saved PNG would hold
         if args.fid:
             with torch.no_grad():
                 stats.update(detector(torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)))
         images.append(batch if args.npz else batch[: max(args.n - (i - first), 0)])  # the grid needs the first --n
-    empty = np.zeros((0, cfg.img_resolution, cfg.img_resolution, cfg.img_channels), dtype=np.uint8)  # n < processes
-    images = np.concatenate(images) if images else empty
+    images = np.concatenate(images) if images else None  # None: this process had no images (n < processes)
     labels = torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)
 
     if distributed:
         shares = [None] * world if master else None
         dist.gather_object((images, labels), shares, dst=0)
         if master:
-            images, labels = (np.concatenate(parts) for parts in zip(*shares))
+            images, labels = (np.concatenate([p for p in parts if p is not None]) for parts in zip(*shares))
         if args.fid:
             for total in (stats.n, stats.total, stats.gram):
                 dist.all_reduce(total)

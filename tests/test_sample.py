@@ -176,3 +176,40 @@ def test_teacher_pairs_keep_the_states_at_the_student_times(tmp_path):
         segment = grid[grid <= times[j]]
         x0 = edm.sample_heun(model, shard["states"][:, j] / times[j].float(), shard["labels"], times=segment)
         assert torch.allclose(x0, shard["x0"], atol=1e-4), j
+
+
+def test_dit_latents_are_decoded_by_the_vae(tmp_path):
+    """sample.py --model dit: the same latents as dit.sample_ddim on the same noise and classes, decoded by --vae."""
+    from dataclasses import fields
+
+    from models import autoencoder_kl, dit
+
+    torch.manual_seed(0)
+    model = dit.DiT(dit.CONFIGS["tiny"]).eval()
+    ckpt = tmp_path / "dit.safetensors"
+    save_file(model.state_dict(), str(ckpt), metadata={"config": dit.config_to_json(model.cfg)})
+    vae_cfg = autoencoder_kl.CONFIGS["tiny"]
+    vae = autoencoder_kl.AutoencoderKL(vae_cfg).eval()
+    (tmp_path / "vae").mkdir()
+    save_file(vae.state_dict(), str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    config = {f.name: getattr(vae_cfg, f.name) for f in fields(vae_cfg) if f.name not in ("repo", "subfolder")}
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(config))
+
+    args = ["--model", "dit", "--ckpt", str(ckpt), "--vae", str(tmp_path / "vae"), "--sampler", "ddim", "--steps", "3"]
+    result = run("sample.py", *args, "--guidance", "1.5", "--n", "3", "--npz", "--out_dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    data = np.load(tmp_path / "out" / "samples.npz")
+
+    gens = [torch.Generator().manual_seed(k) for k in range(3)]
+    noise = torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens])
+    labels = torch.cat([torch.randint(10, (1,), generator=g) for g in gens])
+    with torch.no_grad():
+        images = vae.decode(dit.sample_ddim(model, noise, labels, steps=3, guidance=1.5))
+    expected = ((images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)).numpy()
+    assert data["images"].shape == (3, 16, 16, 3) and np.array_equal(data["labels"], labels.numpy())
+    assert np.abs(data["images"].astype(int) - expected.astype(int)).max() <= 1  # uint8 rounding across thread counts
+
+    wrong = run("sample.py", "--model", "sit", "--ckpt", str(ckpt), "--vae", str(tmp_path / "vae"), "--n", "1")
+    assert wrong.returncode != 0 and "is a DiT checkpoint; use --model dit" in wrong.stderr
+    refused = run("sample.py", "--model", "sit", "--tiny", "--sampler", "ddpm")
+    assert refused.returncode != 0 and "--model sit samples with heun, euler, student, not ddpm" in refused.stderr
