@@ -181,7 +181,7 @@ def main():
         negative = torch.randn(B, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g)
         timestep = torch.tensor([10.0, 937.5])
         block0 = []
-        hook = net.transformer_blocks[0].register_forward_hook(lambda m, i, out: block0.append(out[0]))
+        hook = net.transformer_blocks[0].register_forward_hook(lambda m, i, out, store=block0: store.append(out[0]))
         with torch.no_grad():
             out = net(video, text, timestep, image_rotary_emb=rotary).sample
         hook.remove()
