@@ -225,23 +225,23 @@ def timestep_features(t, dim):
 
 def _sincos(pos, dim):
     """1-D sin-cos embedding [sin | cos] of positions (N,) with frequencies 10000^(-i / (dim / 2)), float64."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2))
     angles = torch.outer(pos, omega)
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_3d(dim, frames, height, width, spatial_scale, temporal_scale):
-    """The 2b's fixed position table, (frames x height x width, dim) for tokens in (t, y, x) row-major order:
+def sincos_3d(dim, frames, height, width, spatial_scale, temporal_scale, device=None):
+    """The 2b's fixed position table, float32 (frames x height x width, dim) for tokens in (t, y, x) row-major order:
     channels [time (dim / 4) | column (3 dim / 8) | row (3 dim / 8)], positions divided by the interpolation scales.
-    float64 on purpose; diffusers takes positions in float32, which differs by < 1e-6."""
-    t = torch.arange(frames, dtype=torch.float64) / temporal_scale
-    y = torch.arange(height, dtype=torch.float64) / spatial_scale
-    x = torch.arange(width, dtype=torch.float64) / spatial_scale
+    The angles are float64 on purpose; diffusers takes positions in float32, which differs by < 1e-6."""
+    t = torch.arange(frames, dtype=torch.float64, device=device) / temporal_scale
+    y = torch.arange(height, dtype=torch.float64, device=device) / spatial_scale
+    x = torch.arange(width, dtype=torch.float64, device=device) / spatial_scale
     spatial = dim * 3 // 4
-    col = _sincos(x, spatial // 2)[None, :, :].expand(height, -1, -1)  # (height, width, 3 dim / 8)
-    row = _sincos(y, spatial // 2)[:, None, :].expand(-1, width, -1)
+    col = _sincos(x, spatial // 2).float()[None, :, :].expand(height, -1, -1)  # (height, width, 3 dim / 8)
+    row = _sincos(y, spatial // 2).float()[:, None, :].expand(-1, width, -1)
     space = torch.cat([col, row], dim=-1).reshape(1, height * width, spatial).expand(frames, -1, -1)
-    time = _sincos(t, dim // 4)[:, None, :].expand(-1, height * width, -1)
+    time = _sincos(t, dim // 4).float()[:, None, :].expand(-1, height * width, -1)
     return torch.cat([time, space], dim=-1).reshape(frames * height * width, dim)
 
 
@@ -256,18 +256,19 @@ def crop_region(grid_height, grid_width, base_height, base_width):
     return (top, left), (top + height, left + width)
 
 
-def rope_3d(head_dim, frames, grid_height, grid_width, base_height, base_width, theta=10000.0):
+def rope_3d(head_dim, frames, grid_height, grid_width, base_height, base_width, theta=10000.0, device=None):
     """The 5b's rotary tables (cos, sin), each (frames x grid_height x grid_width, head_dim): channels [time (head_dim
     / 4) | row (3/8) | column (3/8)], every frequency repeated for the (even, odd) pair it rotates. Rows and columns
     are spread over the crop region of the training grid: position linspace(start, end (n - 1) / n, n), as diffusers'
     get_3d_rotary_pos_embed. float64 on purpose; diffusers computes the angles in float32 (< 3e-6 rad apart)."""
     (top, left), (bottom, right) = crop_region(grid_height, grid_width, base_height, base_width)
-    rows = torch.linspace(top, bottom * (grid_height - 1) / grid_height, grid_height, dtype=torch.float64)
-    cols = torch.linspace(left, right * (grid_width - 1) / grid_width, grid_width, dtype=torch.float64)
-    times = torch.arange(frames, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=device)
+    rows = torch.linspace(top, bottom * (grid_height - 1) / grid_height, grid_height, **f64)
+    cols = torch.linspace(left, right * (grid_width - 1) / grid_width, grid_width, **f64)
+    times = torch.arange(frames, **f64)
 
     def angles(pos, dim):
-        freqs = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        freqs = theta ** -(torch.arange(0, dim, 2, **f64) / dim)
         return torch.outer(pos, freqs).repeat_interleave(2, dim=1)
 
     d_time, d_space = head_dim // 4, head_dim // 8 * 3
@@ -432,21 +433,14 @@ class CogVideoXTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.patch_size**2 * cfg.out_channels)
 
     def positions(self, frames, grid_height, grid_width, device):
-        """(table, None) of sin-cos positions for the 2b, (None, (cos, sin)) RoPE tables for the 5b."""
+        """(table, None) of sin-cos positions for the 2b, (None, (cos, sin)) RoPE tables for the 5b; made on `device`
+        at each call (diffusers keeps the 2b table of the training size as a buffer, outside the checkpoint)."""
         cfg = self.cfg
         if not cfg.use_rotary_positional_embeddings:
-            table = sincos_3d(
-                self.dim,
-                frames,
-                grid_height,
-                grid_width,
-                cfg.spatial_interpolation_scale,
-                cfg.temporal_interpolation_scale,
-            )
-            return table.float().to(device), None
+            scales = (cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale)
+            return sincos_3d(self.dim, frames, grid_height, grid_width, *scales, device=device), None
         base = (cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size)
-        cos, sin = rope_3d(cfg.attention_head_dim, frames, grid_height, grid_width, *base)
-        return None, (cos.to(device), sin.to(device))
+        return None, rope_3d(cfg.attention_head_dim, frames, grid_height, grid_width, *base, device=device)
 
     def unpatchify(self, tokens, frames, grid_height, grid_width):
         """(B, T h w, c p p) -> (B, c, T, h p, w p)."""

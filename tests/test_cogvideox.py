@@ -115,6 +115,23 @@ def test_ddim_with_guidance_matches_the_pipeline_loop(name):
     assert relative_error(latents, ours(t["output.ddim"])) < 1e-5
 
 
+def test_full_size_position_tables_match_diffusers():
+    """The 2b's sin-cos table and the 5b's RoPE at the released 13 x 30 x 45 token grid (49 frames at 480 x 720), and
+    RoPE for a wider 30 x 53 grid cropped into the training grid, at stored tokens."""
+    with safe_open(os.path.join(HERE, "fixtures", "cogvideox_positions.safetensors"), framework="pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    tokens = t["tokens"]
+    with torch.device("meta"):
+        two = cv.CogVideoXTransformer(cv.CONFIGS["cogvideox-2b"])
+        five = cv.CogVideoXTransformer(cv.CONFIGS["cogvideox-5b"])
+    table, _ = two.positions(13, 30, 45, "cpu")
+    assert (table[tokens] - t["sincos.2b"]).abs().max() < 1e-6
+    for width in (45, 53):
+        _, (cos, sin) = five.positions(13, 30, width, "cpu")
+        assert (cos[tokens] - t[f"rope.{width}.cos"]).abs().max() < 1e-5
+        assert (sin[tokens] - t[f"rope.{width}.sin"]).abs().max() < 1e-5
+
+
 def test_rope_crop_region_and_tables():
     assert cv.crop_region(30, 45, 30, 45) == ((0, 0), (30, 45))  # 480 x 720: the whole training grid
     assert cv.crop_region(4, 4, 4, 6) == ((0, 1), (4, 5))  # square input in a wide grid: centred columns

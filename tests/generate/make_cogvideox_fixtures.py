@@ -15,6 +15,10 @@ Outputs (committed; the tests need only torch and safetensors):
                                            config.json
   tests/fixtures/cogvideox_schedule.safetensors
                                            CogVideoXDDIMScheduler's alphas_cumprod for snr_shift_scale 3.0 (2b) and 1.0 (5b)
+  tests/fixtures/cogvideox_positions.safetensors
+                                           rows of the full-size position tables at some tokens: the 2b's sin-cos table
+                                           (13 x 30 x 45 tokens) and the 5b's RoPE cos/sin for 13 x 30 x 45 and for a
+                                           wider 13 x 30 x 53 grid (cropped into the 30 x 45 training grid)
 """
 
 import importlib.abc
@@ -98,6 +102,8 @@ SCHEDULER = dict(
     timestep_spacing="trailing",
 )
 SNR_SHIFT = {"2b": 3.0, "5b": 1.0}
+# Tokens (t, y, x row-major) whose position rows are stored: corners, row and frame boundaries, some inside.
+TOKENS = torch.tensor([0, 1, 44, 45, 52, 53, 1349, 1350, 1351, 7000, 12345, 17549])
 
 # Tiny: non-square latents so that height and width cannot be swapped unnoticed. The 5b-style model's base grid
 # (sample 8 x 12 -> 4 x 6 tokens) has another aspect than its 8 x 8 input, so the RoPE crop region is not the whole grid.
@@ -161,6 +167,19 @@ def main():
         schedule[f"alphas_cumprod.{name}"] = scheduler.alphas_cumprod.clone()
     path = os.path.join(TESTS, "fixtures", "cogvideox_schedule.safetensors")
     save_file(schedule, path, metadata={"generator": "tests/generate/make_cogvideox_fixtures.py"})
+    print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB")
+
+    positions = {"tokens": TOKENS}
+    net = CogVideoXTransformer3DModel(**dict(REAL_2B, num_attention_heads=1, num_layers=0))
+    net.patch_embed.embed_dim = 30 * 64  # the table depends on the width only; built for the real 1920
+    table = net.patch_embed._get_positional_embeddings(60, 90, 49)[0, REAL_2B["max_text_seq_length"] :]
+    positions["sincos.2b"] = table[TOKENS].float()
+    for grid in ((30, 45), (30, 53)):  # as CogVideoXPipeline._prepare_rotary_positional_embeddings with patch 2
+        crop = get_resize_crop_region_for_grid(grid, 90 // 2, 60 // 2)
+        cos, sin = get_3d_rotary_pos_embed(64, crop, grid, 13)
+        positions[f"rope.{grid[1]}.cos"], positions[f"rope.{grid[1]}.sin"] = cos[TOKENS], sin[TOKENS]
+    path = os.path.join(TESTS, "fixtures", "cogvideox_positions.safetensors")
+    save_file(positions, path, metadata={"generator": "tests/generate/make_cogvideox_fixtures.py"})
     print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB")
 
     g = torch.Generator().manual_seed(0)
