@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from models import dit, edm, edm2, inception
+from models import autoencoder_kl, cogvideox, dit, edm, edm2, inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".py") and f != "__init__.py")
@@ -57,3 +57,14 @@ def test_inception_key_check_is_the_edm_one():
 def test_dit_copies_of_edm_helpers_are_identical(name):
     """dit.py copies the schedule and loading helpers that do not depend on the schedule; they stay identical."""
     assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(dit, name))
+
+
+@pytest.mark.parametrize("name", ["_read_safetensors", "check_keys", "_is_repo_id"])
+def test_cogvideox_loader_helpers_are_the_autoencoder_kl_ones(name):
+    """cogvideox.py copies the diffusers-layout loader helpers of autoencoder_kl.py; they stay identical."""
+    assert inspect.getsource(getattr(autoencoder_kl, name)) == inspect.getsource(getattr(cogvideox, name))
+
+
+@pytest.mark.parametrize("name", ["_expand", "_safe", "_progress"])
+def test_cogvideox_schedule_helpers_are_the_dit_ones(name):
+    assert inspect.getsource(getattr(dit, name)) == inspect.getsource(getattr(cogvideox, name))
