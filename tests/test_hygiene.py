@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from models import dit, edm, edm2, inception
+from models import autoencoder_kl, dit, edm, edm2, flux, inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".py") and f != "__init__.py")
@@ -57,3 +57,15 @@ def test_inception_key_check_is_the_edm_one():
 def test_dit_copies_of_edm_helpers_are_identical(name):
     """dit.py copies the schedule and loading helpers that do not depend on the schedule; they stay identical."""
     assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(dit, name))
+
+
+@pytest.mark.parametrize("name", ["_expand", "_safe", "to_x0", "from_x0", "convert", "_progress", "check_keys"])
+def test_flux_copies_of_edm_helpers_are_identical(name):
+    """flux.py copies the schedule conversions (written against alpha/sigma and their derivatives) and helpers."""
+    assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(flux, name))
+
+
+@pytest.mark.parametrize("name", ["_hub_folder", "_is_repo_id"])
+def test_flux_copies_of_the_hub_loader_are_identical(name):
+    """flux.py reads Hub folders with the same copy as autoencoder_kl.py."""
+    assert inspect.getsource(getattr(autoencoder_kl, name)) == inspect.getsource(getattr(flux, name))
