@@ -332,7 +332,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim, hidden):
         super().__init__()
-        self.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(hidden, dim)])  # net.1 is a weightless slot
+        # net.0 holds the input projection as .proj; net.1 is the weightless slot of a dropout in the checkpoint layout
+        self.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(hidden, dim)])
         self.net[0].proj = nn.Linear(dim, hidden)
 
     def forward(self, x):
@@ -488,6 +489,8 @@ class FluxModel(nn.Module):
         txt = self.context_embedder(text)  # (B, L, dim)
         emb = self.time_text_embed(t, guidance, pooled)  # (B, dim)
         features, last = [], max(feature_indices, default=-1)
+        if features_only and last < 0:
+            return features
 
         def tap(i, tokens):
             if i in feature_indices:

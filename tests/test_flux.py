@@ -103,6 +103,7 @@ def test_feature_taps_are_the_image_tokens_after_each_block():
         assert relative_error(feature.flatten(2).transpose(1, 2), t[f"output.features.{i}"]) < 1e-5
     early = run_fixture(model, t, feature_indices=[1], features_only=True)
     assert len(early) == 1 and torch.equal(early[0], features[1])
+    assert run_fixture(model, t, feature_indices=(), features_only=True) == []
 
 
 def test_guidance_and_time_conventions():
