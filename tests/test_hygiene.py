@@ -2,12 +2,11 @@
 copies between model files stay identical."""
 
 import ast
+import importlib
 import inspect
 import os
 
 import pytest
-
-from models import autoencoder_kl, cogvideox, dit, edm, edm2, inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".py") and f != "__init__.py")
@@ -35,36 +34,28 @@ def test_runtime_never_imports_diffusers(path):
     assert not any(m.split(".")[0] == "diffusers" for m in imports(path)), f"{path} imports diffusers"
 
 
-SHARED = [
+EDM_SHARED = [
     "alpha", "sigma", "alpha_prime", "sigma_prime", "_expand", "_safe", "to_x0", "from_x0", "convert",
     "karras_sigmas", "t_list", "sample_t", "_guided_x0", "sample_heun", "sample_euler", "sample_student",
     "_progress", "_read_safetensors", "check_keys", "config_to_json",
 ]  # fmt: skip
 
-
-@pytest.mark.parametrize("name", SHARED)
-def test_edm_family_copies_are_identical(name):
-    """edm.py and edm2.py share the edm schedule, the samplers and the loader by copy; a fix to one goes to both."""
-    assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(edm2, name))
-
-
-def test_inception_key_check_is_the_edm_one():
-    """models/inception.py reports checkpoint mismatches with the same copy of check_keys."""
-    assert inspect.getsource(inception.check_keys) == inspect.getsource(edm.check_keys)
-
-
-@pytest.mark.parametrize("name", ["_expand", "_safe", "_progress", "check_keys", "config_to_json"])
-def test_dit_copies_of_edm_helpers_are_identical(name):
-    """dit.py copies the schedule and loading helpers that do not depend on the schedule; they stay identical."""
-    assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(dit, name))
+# Deliberate copies between model files, (original, copy, names): each file stays usable on its own, and a fix to
+# the original must reach every copy.
+COPIES = [
+    ("edm", "edm2", EDM_SHARED),  # the edm schedule, the samplers and the loader
+    ("edm", "inception", ["check_keys"]),
+    ("edm", "dit", ["_expand", "_safe", "_progress", "check_keys", "config_to_json"]),
+    ("autoencoder_kl", "cogvideox", ["_read_safetensors", "check_keys", "_is_repo_id"]),
+    ("dit", "cogvideox", ["_expand", "_safe", "_progress"]),
+    ("edm", "flux", ["_expand", "_safe", "to_x0", "from_x0", "convert", "_progress", "check_keys"]),
+    ("autoencoder_kl", "flux", ["_hub_folder", "_is_repo_id"]),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["_read_safetensors", "check_keys", "_is_repo_id"])
-def test_cogvideox_loader_helpers_are_the_autoencoder_kl_ones(name):
-    """cogvideox.py copies the diffusers-layout loader helpers of autoencoder_kl.py; they stay identical."""
-    assert inspect.getsource(getattr(autoencoder_kl, name)) == inspect.getsource(getattr(cogvideox, name))
-
-
-@pytest.mark.parametrize("name", ["_expand", "_safe", "_progress"])
-def test_cogvideox_schedule_helpers_are_the_dit_ones(name):
-    assert inspect.getsource(getattr(dit, name)) == inspect.getsource(getattr(cogvideox, name))
+@pytest.mark.parametrize("original, copy, name", [(o, c, n) for o, c, names in COPIES for n in names])
+def test_deliberate_copies_are_identical(original, copy, name):
+    source = inspect.getsource(getattr(importlib.import_module(f"models.{original}"), name))
+    assert inspect.getsource(getattr(importlib.import_module(f"models.{copy}"), name)) == source, (
+        f"models/{copy}.py's {name} differs from models/{original}.py's; keep the copies identical"
+    )
