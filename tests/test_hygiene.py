@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from models import dit, edm, edm2, inception
+from models import autoencoder_kl, dit, edm, edm2, inception, wan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".py") and f != "__init__.py")
@@ -57,3 +57,13 @@ def test_inception_key_check_is_the_edm_one():
 def test_dit_copies_of_edm_helpers_are_identical(name):
     """dit.py copies the schedule and loading helpers that do not depend on the schedule; they stay identical."""
     assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(dit, name))
+
+
+@pytest.mark.parametrize("name", ["_read_safetensors", "check_keys", "_hub_folder", "_is_repo_id"])
+def test_wan_loader_helpers_are_the_autoencoder_kl_ones(name):
+    """wan.py copies the diffusers-layout loader helpers of autoencoder_kl.py; they stay identical."""
+    assert inspect.getsource(getattr(wan, name)) == inspect.getsource(getattr(autoencoder_kl, name))
+
+
+def test_wan_progress_is_the_dit_one():
+    assert inspect.getsource(wan._progress) == inspect.getsource(dit._progress)
