@@ -107,6 +107,19 @@ def official_classes():
     return WanModel, VaceWanModel
 
 
+def check_against_diffusers_converter(official):
+    """Our OFFICIAL_KEYS table renames each official key as diffusers' own single-file converter does."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    sys.path.insert(0, os.path.dirname(TESTS))
+    from models.wan import rename_official_key
+
+    markers = {k: torch.full([1], float(i)) for i, k in enumerate(official)}  # one distinct value per key
+    converted = convert_wan_transformer_to_diffusers(dict(markers))
+    ours = {rename_official_key(k): v for k, v in markers.items()}
+    assert converted.keys() == ours.keys() and all(torch.equal(converted[k], ours[k]) for k in ours)
+
+
 def randomize(net, generator):
     """Replace every weight by a random value of sensible scale, so that norms and biases are exercised too."""
     with torch.no_grad():
@@ -146,7 +159,8 @@ def main():
     for name, config in OFFICIAL.items():
         with torch.device("meta"):
             model = VaceWanModel(**config) if "vace_layers" in config else WanModel(**config)
-        write_manifest(f"official-{name}", keys(model))
+        official = write_manifest(f"official-{name}", keys(model))
+        check_against_diffusers_converter(official)
 
     g = torch.Generator().manual_seed(0)
     B, T, H, W = 2, 3, 8, 8
