@@ -9,7 +9,8 @@ Outputs (committed; the tests need only torch and safetensors):
         state_dict keys and shapes of diffusers' WanTransformer3DModel / WanVACETransformer3DModel with the released
         configs (built on the meta device); I2V-14B-480P and -720P share one layout
   tests/manifests/wan-official-{t2v-1.3b,i2v-14b,vace-1.3b,tiny,tiny-i2v,tiny-vace}.json
-        the same for the official WanModel / VaceWanModel (the layout of Self-Forcing's .pt files)
+        the same for the official WanModel / VaceWanModel (the layout of Self-Forcing's .pt files); on the way,
+        models/wan.py's OFFICIAL_KEYS table is checked to rename every key as diffusers' single-file converter does
   tests/fixtures/wan_{t2v,i2v,vace}.safetensors
         a tiny diffusers model with random weights (real key names), inputs and diffusers' outputs; T2V also with
         per-frame times (given to diffusers as per-token times); metadata holds the config.json
