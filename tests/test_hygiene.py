@@ -50,6 +50,8 @@ COPIES = [
     ("dit", "cogvideox", ["_expand", "_safe", "_progress"]),
     ("edm", "flux", ["_expand", "_safe", "to_x0", "from_x0", "convert", "_progress", "check_keys"]),
     ("autoencoder_kl", "flux", ["_hub_folder", "_is_repo_id"]),
+    ("autoencoder_kl", "wan", ["_read_safetensors", "check_keys", "_hub_folder", "_is_repo_id"]),
+    ("dit", "wan", ["_progress"]),
 ]  # fmt: skip
 
 
