@@ -96,7 +96,7 @@ class CausalConv3d(nn.Conv3d):
                 x = torch.cat([past, x], dim=2)
                 zeros -= past.shape[2]
             cache[self] = x[:, :, -self.time_padding :].clone()  # a copy, so the whole chunk can be freed
-        return super().forward(F.pad(x, (*self.space_padding, max(zeros, 0), 0)))
+        return super().forward(F.pad(x, (*self.space_padding, zeros, 0)))
 
 
 class RMSNorm(nn.Module):
@@ -155,7 +155,7 @@ class Attention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (N, H*W, C)
         return self.proj(h.transpose(1, 2).reshape(N, C, H, W))
 
-    def forward(self, x, cache=None):
+    def forward(self, x):
         return x + _per_frame(self._attend, x)
 
 
@@ -217,7 +217,7 @@ class Upsample(nn.Module):
             B, C, _, H, W = x.shape
             starts_video = cache is None or self not in cache  # does this chunk hold the video's first frame?
             if cache is not None:
-                cache[self] = True
+                cache[self] = True  # from now on, every frame of a chunk goes through the time conv
             first, rest = (x[:, :, :1], x[:, :, 1:]) if starts_video else (None, x)
             if rest.shape[2] > 0:
                 y = self.time_conv(rest, cache)  # (B, 2C, T', H, W): channel half j is output frame 2t + j
@@ -434,9 +434,12 @@ def check_keys(model, state):
 
 # The original release (Wan2.1_VAE.pth, wan/modules/vae.py) keeps each residual block's layers in one Sequential and the
 # encoder's and decoder's layers in flat Sequentials. Module renames, original -> diffusers, for any config:
-_ORIGINAL_RESIDUAL = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2", "shortcut": "conv_shortcut"}  # fmt: skip
+# fmt: off
+_ORIGINAL_RESIDUAL = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2",
+                      "shortcut": "conv_shortcut"}
 _ORIGINAL_SIDE = {"conv1": "conv_in", "middle.0": "mid_block.resnets.0", "middle.1": "mid_block.attentions.0",
-                  "middle.2": "mid_block.resnets.1", "head.0": "norm_out", "head.2": "conv_out"}  # fmt: skip
+                  "middle.2": "mid_block.resnets.1", "head.0": "norm_out", "head.2": "conv_out"}
+# fmt: on
 
 
 def original_key_table(cfg: Config):
