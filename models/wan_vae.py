@@ -16,8 +16,9 @@ convolution keeps the last frames it saw in a cache: memory stays that of one ch
 pass over the whole video (`chunked=False`).
 
 The diffusion models see per-channel normalised latents (z - latents_mean) / latents_std (16 values each, from
-config.json), as diffusers' Wan pipelines and FastGen's WanVideoEncoder compute them; `decode` undoes that and clamps
-to [-1, 1]. Left out: the Wan 2.2 VAE (residual down/up blocks, patchified 48-channel latents), spatial tiling,
+config.json), as diffusers' Wan pipelines and FastGen's WanVideoEncoder compute them (they multiply by 1 / latents_std,
+equal up to rounding); z is a posterior sample by default (FastGen's default), its mean with `sample=False`. `decode`
+undoes the normalisation and clamps to [-1, 1], as diffusers' decode does. Left out: the Wan 2.2 VAE (residual down/up blocks, patchified 48-channel latents), spatial tiling,
 attention outside the mid blocks (attn_scales, empty in every release), the VAE training losses.
 
     vae = from_pretrained("wan2.1")                        # Wan-AI/Wan2.1-T2V-1.3B-Diffusers, subfolder vae

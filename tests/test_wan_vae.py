@@ -177,6 +177,18 @@ def test_forward_and_backward_on_tiny():
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
 
+def test_bfloat16_stays_close_to_float32():
+    """A bfloat16 VAE runs end to end (its norms normalise in float32) and stays near diffusers' float32 outputs:
+    measured 0.016 (mean) and 0.033 (decoded) of the output scale."""
+    model, t = fixture_model()
+    with torch.no_grad():
+        mean = model.to(torch.bfloat16).posterior(t["input.video"].to(torch.bfloat16)).mean
+        video = model.decode_raw(t["output.mean"].to(torch.bfloat16))
+    assert mean.dtype == video.dtype == torch.bfloat16
+    assert relative_error(mean.float(), t["output.mean"]) < 0.06
+    assert relative_error(video.float(), t["output.decoded_raw"]) < 0.06
+
+
 # ----------------------------------------------------------------------------
 # config.json
 
