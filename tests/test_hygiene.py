@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from models import dit, edm, edm2, inception
+from models import autoencoder_kl, cogvideox_vae, dit, edm, edm2, inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".py") and f != "__init__.py")
@@ -57,3 +57,11 @@ def test_inception_key_check_is_the_edm_one():
 def test_dit_copies_of_edm_helpers_are_identical(name):
     """dit.py copies the schedule and loading helpers that do not depend on the schedule; they stay identical."""
     assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(dit, name))
+
+
+@pytest.mark.parametrize(
+    "name", ["group_norm", "DiagonalGaussian", "_read_safetensors", "check_keys", "_hub_folder", "_is_repo_id"]
+)
+def test_cogvideox_vae_copies_of_autoencoder_kl_helpers_are_identical(name):
+    """cogvideox_vae.py copies the posterior and the Hub loader of autoencoder_kl.py; they stay identical."""
+    assert inspect.getsource(getattr(autoencoder_kl, name)) == inspect.getsource(getattr(cogvideox_vae, name))
