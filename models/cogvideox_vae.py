@@ -16,13 +16,14 @@ the last frames each causal conv saw are carried from one batch to the next in a
 group-normalised on its own, so the batch split is part of the model's output, and it is reproduced exactly here.
 
 The encoder predicts a diagonal Gaussian posterior; the diffusion model sees z * scaling_factor (CogVideoX-2b
-1.15258426, -5b 0.7), and `decode` undoes that. Left out: spatial tiling and batch slicing (decode a few videos at a
-time instead), diffusers' splitting of very large convolutions along time (same result, less peak memory), the
-original SAT checkpoint layout, the VAE training losses.
+1.15258426, -5b 0.7), and `decode` undoes that. `tiled=True` bounds the memory of large frames the way diffusers'
+enable_tiling() does (tiles of half the training size, cross-faded; results differ slightly from untiled ones). Left
+out: batch slicing (decode a few videos at a time instead), diffusers' splitting of very large convolutions along time
+(same result, less peak memory), the original SAT checkpoint layout, the VAE training losses.
 
     vae = from_pretrained("cogvideox-5b")                  # THUDM/CogVideoX-5b, subfolder vae
     latents = vae.encode(video)                            # video (B, 3, 49, 480, 720) in [-1, 1] -> (B, 16, 13, 60, 90)
-    video = vae.decode(latents)                            # back to (B, 3, 49, 480, 720), clamped to [-1, 1]
+    video = vae.decode(latents, tiled=True)                # back to (B, 3, 49, 480, 720), clamped to [-1, 1]
 """
 
 import json
@@ -46,7 +47,7 @@ class Config:
     layers_per_block: int = 3  # ResNet blocks per encoder level (the decoder has one more)
     norm_num_groups: int = 32  # GroupNorm groups everywhere
     scaling_factor: float = 1.15258426  # latents seen by the diffusion model: z * scaling_factor
-    sample_height: int = 480  # video size the VAE was trained at
+    sample_height: int = 480  # video size the VAE was trained at; tiles are half of it
     sample_width: int = 720
     force_upcast: bool = True  # diffusers' hint: keep this VAE in float32 when the denoiser runs in float16
     repo: str = ""  # Hugging Face Hub repo holding the weights
@@ -289,12 +290,52 @@ class DiagonalGaussian:
         return self.mean + self.std * noise.to(self.mean.device)
 
 
+# ----------------------------------------------------------------------------
+# Frame batches and spatial tiles
+
+
 def frame_batches(frames, size):
     """(start, end) of the batches diffusers splits `frames` frames into: `size` each, the remainder in the first."""
     if frames <= size:
         return [(0, frames)]
     first = size + frames % size
     return [(0, first)] + [(start, start + size) for start in range(first, frames, size)]
+
+
+TILE_OVERLAP = (1 / 6, 1 / 5)  # fraction of a tile shared with the next one, along H and along W
+
+
+def _fade_into(previous, tile, extent, dim):
+    """Cross-fade, in place, the first `extent` rows (dim 3) or columns (dim 4) of `tile` from the last ones of
+    `previous`: weight y / extent on the tile at row y, the rest on its neighbour."""
+    extent = min(previous.shape[dim], tile.shape[dim], extent)
+    if extent == 0:
+        return
+    shape = [1] * tile.ndim
+    shape[dim] = extent
+    # Weights in float64 then cast, as diffusers' Python-float arithmetic gives them.
+    w = (torch.arange(extent, dtype=torch.float64) / extent).reshape(shape)
+    head, tail = tile.narrow(dim, 0, extent), previous.narrow(dim, previous.shape[dim] - extent, extent)
+    head.copy_(tail * (1 - w).to(tile) + head * w.to(tile))
+
+
+def _tiled(fn, x, tile, stride, blend, keep):
+    """Apply `fn` to tiles of `x` (B, C, T, H, W) of side `tile` (h, w) every `stride` (h, w), cross-fade each
+    result over `blend` rows and columns with its upper and left neighbours (already faded), cut it to `keep` and put
+    the pieces together: diffusers' tiled encode and decode. `tile` and `stride` count positions of x, `blend` and
+    `keep` positions of fn's output. Tiles are normalised on their own, so the result differs from the untiled one.
+    """
+    H, W = x.shape[-2:]
+    rows = [
+        [fn(x[..., i : i + tile[0], j : j + tile[1]]) for j in range(0, W, stride[1])] for i in range(0, H, stride[0])
+    ]
+    for i, row in enumerate(rows):
+        for j, out in enumerate(row):
+            if i > 0:
+                _fade_into(rows[i - 1][j], out, blend[0], dim=3)
+            if j > 0:
+                _fade_into(row[j - 1], out, blend[1], dim=4)
+    return torch.cat([torch.cat([out[..., : keep[0], : keep[1]] for out in row], dim=4) for row in rows], dim=3)
 
 
 # ----------------------------------------------------------------------------
@@ -311,9 +352,35 @@ class AutoencoderKLCogVideoX(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    def posterior(self, x):
+    def _tiling(self, decoding):
+        """diffusers' enable_tiling() defaults: tiles of half the training size, overlapping by TILE_OVERLAP. Returns
+        tile and stride in input positions, blend and keep in output positions (latents and pixels, or the reverse)."""
+        pixels = [self.cfg.sample_height // 2, self.cfg.sample_width // 2]
+        latents = [int(side / self.factor) for side in pixels]
+        tile, out_tile = (latents, pixels) if decoding else (pixels, latents)
+        stride = [int(side * (1 - overlap)) for side, overlap in zip(tile, TILE_OVERLAP)]
+        if min(stride) < 1:
+            raise ValueError(f"tiles of {tile} (half of sample_height, sample_width) are too small to overlap")
+        blend = [int(side * overlap) for side, overlap in zip(out_tile, TILE_OVERLAP)]
+        return tile, stride, blend, [side - b for side, b in zip(out_tile, blend)]
+
+    def _encode_frames(self, x):
+        """Moments of x in frame batches, the conv cache carried from each batch to the next."""
+        cache = {}
+        return torch.cat(
+            [self.encoder(x[:, :, a:b], cache) for a, b in frame_batches(x.shape[2], VIDEO_FRAMES_PER_BATCH)], 2
+        )
+
+    def _decode_frames(self, z):
+        cache = {}
+        return torch.cat(
+            [self.decoder(z[:, :, a:b], cache) for a, b in frame_batches(z.shape[2], LATENT_FRAMES_PER_BATCH)], 2
+        )
+
+    def posterior(self, x, tiled=False):
         """The Gaussian posterior of videos x (B, C, 1 + 8k, H, W) in [-1, 1]; mean and logvar are
-        (B, latent_channels, 1 + 2k, H/8, W/8)."""
+        (B, latent_channels, 1 + 2k, H/8, W/8). `tiled` encodes frames larger than half the training size in
+        overlapping tiles, as diffusers does after enable_tiling(), to bound memory."""
         if x.ndim != 5:
             raise ValueError(f"expected videos (B, C, T, H, W), got a tensor of shape {tuple(x.shape)}")
         T, H, W = x.shape[2:]
@@ -324,31 +391,34 @@ class AutoencoderKLCogVideoX(nn.Module):
             )
         if H % self.factor or W % self.factor:
             raise ValueError(f"frame sides {(H, W)} must be multiples of {self.factor}")
-        cache = {}
-        moments = [self.encoder(x[:, :, a:b], cache) for a, b in frame_batches(T, VIDEO_FRAMES_PER_BATCH)]
-        return DiagonalGaussian(torch.cat(moments, dim=2))
+        tile, stride, blend, keep = self._tiling(decoding=False)
+        if tiled and (H > tile[0] or W > tile[1]):
+            return DiagonalGaussian(_tiled(self._encode_frames, x, tile, stride, blend, keep))
+        return DiagonalGaussian(self._encode_frames(x))
 
-    def decode_raw(self, z):
+    def decode_raw(self, z, tiled=False):
         """Videos (B, C, 1 + 4 * (t - 1), 8h, 8w) from un-normalised latents z (B, latent_channels, t, h, w) with an
-        odd t (what `posterior` describes), not clamped."""
+        odd t (what `posterior` describes), not clamped; `tiled` as in `posterior`."""
         if z.ndim != 5:
             raise ValueError(f"expected latents (B, C, T, H, W), got a tensor of shape {tuple(z.shape)}")
-        t = z.shape[2]
+        t, h, w = z.shape[2:]
         if t % 2 != 1:
             raise ValueError(f"CogVideoX's VAE decodes an odd number of latent frames (1 + 2k), got {t}")
-        cache = {}
-        return torch.cat([self.decoder(z[:, :, a:b], cache) for a, b in frame_batches(t, LATENT_FRAMES_PER_BATCH)], 2)
+        tile, stride, blend, keep = self._tiling(decoding=True)
+        if tiled and (h > tile[0] or w > tile[1]):
+            return _tiled(self._decode_frames, z, tile, stride, blend, keep)
+        return self._decode_frames(z)
 
-    def encode(self, x, sample=True, generator=None):
+    def encode(self, x, sample=True, generator=None, tiled=False):
         """Videos in [-1, 1] to the normalised latents a diffusion model sees. `sample=True` draws from the posterior
         (what FastGen's encoders do), `sample=False` takes its mean."""
-        posterior = self.posterior(x)
+        posterior = self.posterior(x, tiled)
         z = posterior.sample(generator) if sample else posterior.mean
         return z * self.cfg.scaling_factor
 
-    def decode(self, latents):
+    def decode(self, latents, tiled=False):
         """Normalised latents back to videos, clamped to [-1, 1]."""
-        return self.decode_raw(latents / self.cfg.scaling_factor).clamp(-1.0, 1.0)
+        return self.decode_raw(latents / self.cfg.scaling_factor, tiled).clamp(-1.0, 1.0)
 
     def forward(self, x):
         """Reconstruction through the posterior mean, not clamped."""

@@ -175,6 +175,37 @@ def test_bad_latent_counts_and_shapes_are_refused():
         cv.AutoencoderKLCogVideoX(replace(cv.CONFIGS["tiny"], block_out_channels=(8, 16)))
 
 
+def test_tiled_encode_and_decode_match_diffusers(fixture):
+    """diffusers with enable_tiling(): a 56 x 48 video in 2 x 2 tiles of 48 x 40 pixels (6 x 5 latents) whose last row
+    and column are partial, each tile cross-faded into its upper and left neighbours. Tiles are normalised on their
+    own, so tiling changes the result; frames no larger than a tile are not tiled."""
+    model, t = fixture
+    with safe_open(os.path.join(HERE, "fixtures", "cogvideox_vae_tiny_tiled.safetensors"), framework="pt") as f:
+        tiled = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.no_grad():
+        mean = model.posterior(tiled["input.video"], tiled=True).mean
+        assert relative_error(mean, tiled["output.mean"]) < 1e-5
+        assert relative_error(model.posterior(tiled["input.video"]).mean, tiled["output.mean"]) > 0.05
+        decoded = model.decode_raw(tiled["output.mean"], tiled=True)
+        assert relative_error(decoded, tiled["output.decoded"]) < 1e-5
+        assert relative_error(model.decode_raw(tiled["output.mean"]), tiled["output.decoded"]) > 0.05
+        small = t["output.video.mean"]  # 4 x 3 latents, inside one 6 x 5 tile
+        assert torch.equal(model.decode_raw(small, tiled=True), model.decode_raw(small))
+
+
+def test_tiles_of_the_released_vae_are_diffusers_defaults():
+    """480 x 720 training size: tiles of 240 x 360 pixels / 30 x 45 latents, strides 200 x 288 / 25 x 36, cross-fades
+    over 1/6 and 1/5 of a tile; the kept parts (25 x 36 latents, 200 x 288 pixels) equal the strides, so the tiles
+    meet exactly."""
+    with torch.device("meta"):
+        model = cv.AutoencoderKLCogVideoX(cv.CONFIGS["cogvideox-5b"])
+    assert model._tiling(decoding=False) == ([240, 360], [200, 288], [5, 9], [25, 36])
+    assert model._tiling(decoding=True) == ([30, 45], [25, 36], [40, 72], [200, 288])
+    tiny = cv.AutoencoderKLCogVideoX(replace(cv.CONFIGS["tiny"], sample_height=16, sample_width=8))
+    with pytest.raises(ValueError, match=r"tiles of \[1, 0\] .* are too small to overlap"):
+        tiny.decode(torch.zeros(1, 4, 1, 4, 4), tiled=True)
+
+
 # ----------------------------------------------------------------------------
 # config.json
 
@@ -182,7 +213,7 @@ def test_bad_latent_counts_and_shapes_are_refused():
 def test_config_json_of_diffusers_maps_to_the_config():
     cfg = cv.config_from_diffusers(json.loads(load_fixture()[2]))
     expected = dict(latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
-    assert cfg == replace(cv.Config(), **expected, sample_height=32, sample_width=24)
+    assert cfg == replace(cv.Config(), **expected, sample_height=96, sample_width=80)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,10 @@ Outputs (committed; the tests need only torch and safetensors):
                                             the causal-conv cache is carried between batches) and a one-frame video,
                                             diffusers' posterior mean, log-variance and a seeded sample, and the decoded
                                             posterior means (tiling off); the metadata holds the model's config.json
+  tests/fixtures/cogvideox_vae_tiny_tiled.safetensors
+                                            the same model with tiling on (enable_tiling() defaults: tiles of half the
+                                            sample size): a 9-frame 56 x 48 video (2 x 2 tiles, the last ones partial),
+                                            the tiled encoder's posterior mean and the tiled decoding of that mean
 """
 
 import math
@@ -53,8 +57,8 @@ TINY = dict(
     layers_per_block=1,
     norm_num_groups=4,
     temporal_compression_ratio=4,
-    sample_height=32,
-    sample_width=24,
+    sample_height=96,  # tiles of 48 x 40 pixels, 6 x 5 latents (as 480 x 720 gives 240 x 360, 30 x 45)
+    sample_width=80,
     scaling_factor=1.15258426,
 )
 
@@ -121,10 +125,19 @@ def main():
             tensors[f"output.{name}.sample"] = posterior.sample(generator=torch.Generator().manual_seed(7))
             tensors[f"output.{name}.decoded"] = vae.decode(posterior.mean).sample
             print(f"{name}: {tuple(x.shape)} -> latents {tuple(posterior.mean.shape)}")
-    path = os.path.join(TESTS, "fixtures", "cogvideox_vae_tiny.safetensors")
     metadata = {"generator": "tests/generate/make_cogvideox_vae_fixtures.py", "config": vae.to_json_string()}
+    path = os.path.join(TESTS, "fixtures", "cogvideox_vae_tiny.safetensors")
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
     print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB")
+
+    vae.enable_tiling()
+    video = torch.rand(1, 3, 9, 56, 48, generator=g) * 2 - 1
+    with torch.no_grad():
+        mean = vae.encode(video).latent_dist.mean
+        tiled = {"input.video": video, "output.mean": mean, "output.decoded": vae.decode(mean).sample}
+    path = os.path.join(TESTS, "fixtures", "cogvideox_vae_tiny_tiled.safetensors")
+    save_file({k: v.contiguous() for k, v in tiled.items()}, path, metadata=metadata)
+    print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB, tiled latents {tuple(mean.shape)}")
 
 
 if __name__ == "__main__":
