@@ -59,7 +59,7 @@ CONFIGS = {
     "cogvideox-2b": Config(scaling_factor=1.15258426, repo="THUDM/CogVideoX-2b"),
     "cogvideox-5b": Config(scaling_factor=0.7, repo="THUDM/CogVideoX-5b"),
     "tiny":         Config(latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
-                           sample_height=32, sample_width=32),
+                           sample_height=96, sample_width=80),  # tiles of 48 x 40 pixels, 6 x 5 latents
 }
 # fmt: on
 
@@ -359,10 +359,17 @@ class AutoencoderKLCogVideoX(nn.Module):
         latents = [int(side / self.factor) for side in pixels]
         tile, out_tile = (latents, pixels) if decoding else (pixels, latents)
         stride = [int(side * (1 - overlap)) for side, overlap in zip(tile, TILE_OVERLAP)]
-        if min(stride) < 1:
-            raise ValueError(f"tiles of {tile} (half of sample_height, sample_width) are too small to overlap")
         blend = [int(side * overlap) for side, overlap in zip(out_tile, TILE_OVERLAP)]
-        return tile, stride, blend, [side - b for side, b in zip(out_tile, blend)]
+        keep = [side - b for side, b in zip(out_tile, blend)]
+        # Each tile's kept part must cover exactly one stride, or the pieces would not line up (diffusers does not
+        # check; the released 480 x 720 sizes satisfy it).
+        scale = self.factor if decoding else 1 / self.factor
+        if min(stride) < 1 or any(s * scale != k for s, k in zip(stride, keep)):
+            raise ValueError(
+                f"tiles of {tile} every {stride} keeping {keep} do not line up; choose sample_height / sample_width "
+                "whose halves split evenly into latents, as 480 x 720 does"
+            )
+        return tile, stride, blend, keep
 
     def _encode_frames(self, x):
         """Moments of x in frame batches, the conv cache carried from each batch to the next."""
@@ -372,6 +379,7 @@ class AutoencoderKLCogVideoX(nn.Module):
         )
 
     def _decode_frames(self, z):
+        """Frames of z in latent-frame batches, the conv cache carried from each batch to the next."""
         cache = {}
         return torch.cat(
             [self.decoder(z[:, :, a:b], cache) for a, b in frame_batches(z.shape[2], LATENT_FRAMES_PER_BATCH)], 2
@@ -391,9 +399,10 @@ class AutoencoderKLCogVideoX(nn.Module):
             )
         if H % self.factor or W % self.factor:
             raise ValueError(f"frame sides {(H, W)} must be multiples of {self.factor}")
-        tile, stride, blend, keep = self._tiling(decoding=False)
-        if tiled and (H > tile[0] or W > tile[1]):
-            return DiagonalGaussian(_tiled(self._encode_frames, x, tile, stride, blend, keep))
+        if tiled:
+            tile, stride, blend, keep = self._tiling(decoding=False)
+            if H > tile[0] or W > tile[1]:
+                return DiagonalGaussian(_tiled(self._encode_frames, x, tile, stride, blend, keep))
         return DiagonalGaussian(self._encode_frames(x))
 
     def decode_raw(self, z, tiled=False):
@@ -404,9 +413,10 @@ class AutoencoderKLCogVideoX(nn.Module):
         t, h, w = z.shape[2:]
         if t % 2 != 1:
             raise ValueError(f"CogVideoX's VAE decodes an odd number of latent frames (1 + 2k), got {t}")
-        tile, stride, blend, keep = self._tiling(decoding=True)
-        if tiled and (h > tile[0] or w > tile[1]):
-            return _tiled(self._decode_frames, z, tile, stride, blend, keep)
+        if tiled:
+            tile, stride, blend, keep = self._tiling(decoding=True)
+            if h > tile[0] or w > tile[1]:
+                return _tiled(self._decode_frames, z, tile, stride, blend, keep)
         return self._decode_frames(z)
 
     def encode(self, x, sample=True, generator=None, tiled=False):

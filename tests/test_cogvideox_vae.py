@@ -202,8 +202,12 @@ def test_tiles_of_the_released_vae_are_diffusers_defaults():
     assert model._tiling(decoding=False) == ([240, 360], [200, 288], [5, 9], [25, 36])
     assert model._tiling(decoding=True) == ([30, 45], [25, 36], [40, 72], [200, 288])
     tiny = cv.AutoencoderKLCogVideoX(replace(cv.CONFIGS["tiny"], sample_height=16, sample_width=8))
-    with pytest.raises(ValueError, match=r"tiles of \[1, 0\] .* are too small to overlap"):
+    assert tiny.decode(torch.zeros(1, 4, 1, 4, 4)).shape == (1, 3, 1, 32, 32)  # untiled needs no tiles
+    with pytest.raises(ValueError, match=r"tiles of \[1, 0\] every \[0, 0\] keeping \[7, 4\] do not line up"):
         tiny.decode(torch.zeros(1, 4, 1, 4, 4), tiled=True)
+    uneven = cv.AutoencoderKLCogVideoX(replace(cv.CONFIGS["tiny"], sample_height=64, sample_width=80))
+    with pytest.raises(ValueError, match=r"tiles of \[32, 40\] every \[26, 32\] keeping \[4, 4\] do not line up"):
+        uneven.encode(torch.zeros(1, 3, 1, 64, 64), tiled=True)
 
 
 # ----------------------------------------------------------------------------
