@@ -7,7 +7,7 @@ code: https://github.com/THUDM/CogVideo (sat/vae_modules/cp_enc_dec.py). The che
 and THUDM/CogVideoX-5b; the two VAEs share one layout and differ in scaling_factor), and module names equal their keys
 (`encoder.down_blocks.0.resnets.0.conv1.conv.weight`, ...), so they load strictly.
 
-Layout: every tensor is (B, C, T, H, W). Each 3-D conv is causal in time: frame t sees frames t-2..t only, and the
+Layout: every tensor is (B, C, T, H, W). Each 3-D conv is causal in time: at frame t it sees frames t-2..t, and the
 first frame is padded with copies of itself. The first two levels halve T by averaging pairs of frames while the first
 frame of an odd-length clip stays alone, so a clip of 1 + 8k frames becomes 1 + 2k latent frames (49 -> 13), and the
 decoder undoes it (13 -> 49). As in diffusers (and the released pipelines), the encoder runs on batches of 8 frames
@@ -17,9 +17,9 @@ group-normalised on its own, so the batch split is part of the model's output, a
 
 The encoder predicts a diagonal Gaussian posterior; the diffusion model sees z * scaling_factor (CogVideoX-2b
 1.15258426, -5b 0.7), and `decode` undoes that. `tiled=True` bounds the memory of large frames the way diffusers'
-enable_tiling() does (tiles of half the training size, cross-faded; results differ slightly from untiled ones). Left
-out: batch slicing (decode a few videos at a time instead), diffusers' splitting of very large convolutions along time
-(same result, less peak memory), the original SAT checkpoint layout, the VAE training losses.
+enable_tiling() does (tiles of half the training size, cross-faded; each tile is normalised on its own, so results
+differ from untiled ones). Left out: batch slicing (decode a few videos at a time instead), diffusers' splitting of
+very large convolutions along time (same result, less peak memory), the original SAT checkpoint layout, the VAE training losses.
 
     vae = from_pretrained("cogvideox-5b")                  # THUDM/CogVideoX-5b, subfolder vae
     latents = vae.encode(video)                            # video (B, 3, 49, 480, 720) in [-1, 1] -> (B, 16, 13, 60, 90)
