@@ -19,7 +19,8 @@ The encoder predicts a diagonal Gaussian posterior; the diffusion model sees z *
 1.15258426, -5b 0.7), and `decode` undoes that. `tiled=True` bounds the memory of large frames the way diffusers'
 enable_tiling() does (tiles of half the training size, cross-faded; each tile is normalised on its own, so results
 differ from untiled ones). Left out: batch slicing (decode a few videos at a time instead), diffusers' splitting of
-very large convolutions along time (same result, less peak memory), the original SAT checkpoint layout, the VAE training losses.
+very large convolutions along time (same result, less peak memory), the original SAT checkpoint layout, the VAE
+training losses.
 
     vae = from_pretrained("cogvideox-5b")                  # THUDM/CogVideoX-5b, subfolder vae
     latents = vae.encode(video)                            # video (B, 3, 49, 480, 720) in [-1, 1] -> (B, 16, 13, 60, 90)
