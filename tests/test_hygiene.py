@@ -52,6 +52,7 @@ COPIES = [
     ("autoencoder_kl", "flux", ["_hub_folder", "_is_repo_id"]),
     ("autoencoder_kl", "wan", ["_read_safetensors", "check_keys", "_hub_folder", "_is_repo_id"]),
     ("dit", "wan", ["_progress"]),
+    ("autoencoder_kl", "cogvideox_vae", ["group_norm", "DiagonalGaussian", "_read_safetensors", "check_keys", "_hub_folder", "_is_repo_id"]),
     ("autoencoder_kl", "wan_vae", ["DiagonalGaussian", "_read_safetensors", "check_keys", "_hub_folder", "_is_repo_id"]),
 ]  # fmt: skip
 
