@@ -30,7 +30,7 @@ script), LoRA, ControlNet/T2I-adapter residuals, class and image conditioning, S
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -674,8 +674,8 @@ def _unet_fields(d, fixed):
     an error."""
     if d.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise ValueError(f"config.json describes a {d['_class_name']}, not a UNet2DConditionModel")
-    plain = {"in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim"}
-    plain |= {"use_linear_projection", "norm_num_groups", "norm_eps", "sample_size"}
+    derived = {"attention", "num_attention_heads", "transformer_layers_per_block", "repo", "subfolder"}
+    plain = {f.name for f in fields(Config)} - derived  # named as in config.json
     per_level = {"down_block_types", "up_block_types", "attention_head_dim", "num_attention_heads"}
     allowed = plain | per_level | {"transformer_layers_per_block"} | _DIFFUSERS_IGNORED | fixed.keys()
     if unknown := set(d) - allowed:
@@ -701,7 +701,8 @@ def _unet_fields(d, fixed):
 
 
 def config_from_diffusers(d):
-    """Config from the fields of a diffusers UNet2DConditionModel config.json of the SD1.5 kind."""
+    """Config from the fields of a diffusers UNet2DConditionModel config.json; values this file does not implement
+    (other block types, embeddings or conditionings) are an error."""
     return Config(**_unet_fields(d, _DIFFUSERS_FIXED))
 
 
