@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from models import dit, edm, edm2, inception
+from models import autoencoder_kl, dit, edm, edm2, inception, sd15, sdxl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".py") and f != "__init__.py")
@@ -57,3 +57,32 @@ def test_inception_key_check_is_the_edm_one():
 def test_dit_copies_of_edm_helpers_are_identical(name):
     """dit.py copies the schedule and loading helpers that do not depend on the schedule; they stay identical."""
     assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(dit, name))
+
+
+SD_SHARED = [
+    "betas", "alphas_cumprod", "_log_abar", "alpha", "sigma", "alpha_prime", "sigma_prime", "_expand", "_safe",
+    "to_x0", "from_x0", "convert", "t_list", "sample_t", "leading_timesteps", "timestep_features",
+    "TimestepEmbedding", "ResnetBlock", "Attention", "GEGLU", "FeedForward", "TransformerBlock", "SpatialTransformer",
+    "Downsample", "Upsample", "_transformers", "DownBlock", "UpBlock", "MidBlock", "_text_bias", "guided", "_times",
+    "sample_ddim", "sample_euler", "sample_student", "_progress", "_read_safetensors", "check_keys",
+    "load_checkpoint", "_per_level", "_unet_fields", "config_from_diffusers", "_hub_folder", "_is_repo_id",
+    "from_pretrained",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SD_SHARED)
+def test_sd15_and_sdxl_copies_are_identical(name):
+    """sdxl.py copies the SD1.5 UNet blocks, schedule, samplers and loader; only Config and UNet differ."""
+    assert inspect.getsource(getattr(sd15, name)) == inspect.getsource(getattr(sdxl, name))
+
+
+@pytest.mark.parametrize(
+    "name, source",
+    [(n, edm) for n in ("_expand", "_safe", "to_x0", "from_x0", "convert", "_progress", "check_keys")]
+    + [("_log_abar", dit)]
+    + [(n, autoencoder_kl) for n in ("_read_safetensors", "_hub_folder", "_is_repo_id")],
+)
+def test_sd15_copies_of_other_helpers_are_identical(name, source):
+    """sd15.py copies the prediction-type conversions (edm.py), the interpolated DDPM table (dit.py) and the
+    diffusers-layout loader helpers (autoencoder_kl.py)."""
+    assert inspect.getsource(getattr(source, name)) == inspect.getsource(getattr(sd15, name))
