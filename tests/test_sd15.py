@@ -232,8 +232,8 @@ def test_ddim_with_guidance_matches_diffusers(fixture):
 
 def test_guidance_is_one_batched_call_of_both_halves(fixture):
     model, t = fixture
-    cond, uncond = dict(text=t["input.text"], text_mask=t["input.mask"]), dict(text=t["input.null"], text_mask=None)
-    uncond["text_mask"] = torch.ones_like(t["input.mask"])
+    cond = dict(text=t["input.text"], text_mask=t["input.mask"])
+    uncond = dict(text=t["input.null"], text_mask=torch.ones_like(t["input.mask"]))
     x, steps = t["input.x"], t["input.t"]
     with torch.no_grad():
         c, u = model(x, steps, **cond), model(x, steps, **uncond)
