@@ -40,6 +40,16 @@ EDM_SHARED = [
     "_progress", "_read_safetensors", "check_keys", "config_to_json",
 ]  # fmt: skip
 
+SD_SHARED = [
+    "betas", "alphas_cumprod", "_log_abar", "alpha", "sigma", "alpha_prime", "sigma_prime", "_expand", "_safe",
+    "to_x0", "from_x0", "convert", "t_list", "sample_t", "leading_timesteps", "timestep_features",
+    "TimestepEmbedding", "ResnetBlock", "Attention", "GEGLU", "FeedForward", "TransformerBlock", "SpatialTransformer",
+    "Downsample", "Upsample", "_transformers", "DownBlock", "UpBlock", "MidBlock", "_text_bias", "guided", "_times",
+    "sample_ddim", "sample_euler", "sample_student", "_progress", "_read_safetensors", "check_keys",
+    "load_checkpoint", "_per_level", "_unet_fields", "config_from_diffusers", "_hub_folder", "_is_repo_id",
+    "from_pretrained",
+]  # fmt: skip
+
 # Deliberate copies between model files, (original, copy, names): each file stays usable on its own, and a fix to
 # the original must reach every copy.
 COPIES = [
@@ -52,6 +62,10 @@ COPIES = [
     ("autoencoder_kl", "flux", ["_hub_folder", "_is_repo_id"]),
     ("autoencoder_kl", "wan", ["_read_safetensors", "check_keys", "_hub_folder", "_is_repo_id"]),
     ("dit", "wan", ["_progress"]),
+    ("sd15", "sdxl", SD_SHARED),  # one UNet family: only Config and UNet differ
+    ("edm", "sd15", ["_expand", "_safe", "to_x0", "from_x0", "convert", "_progress", "check_keys"]),
+    ("dit", "sd15", ["_log_abar"]),
+    ("autoencoder_kl", "sd15", ["_read_safetensors", "_hub_folder", "_is_repo_id"]),
     ("autoencoder_kl", "cogvideox_vae", ["group_norm", "DiagonalGaussian", "_read_safetensors", "check_keys", "_hub_folder", "_is_repo_id"]),
     ("autoencoder_kl", "wan_vae", ["DiagonalGaussian", "_read_safetensors", "check_keys", "_hub_folder", "_is_repo_id"]),
 ]  # fmt: skip
