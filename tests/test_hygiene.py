@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from models import dit, edm, edm2, inception
+from models import autoencoder_kl, cosmos_predict2, dit, edm, edm2, inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".py") and f != "__init__.py")
@@ -57,3 +57,13 @@ def test_inception_key_check_is_the_edm_one():
 def test_dit_copies_of_edm_helpers_are_identical(name):
     """dit.py copies the schedule and loading helpers that do not depend on the schedule; they stay identical."""
     assert inspect.getsource(getattr(edm, name)) == inspect.getsource(getattr(dit, name))
+
+
+@pytest.mark.parametrize(
+    "name, source",
+    [("_safe", edm), ("_progress", edm), ("check_keys", edm), ("config_to_json", edm), ("config_from_json", dit),
+     ("_read_safetensors", autoencoder_kl)],
+)  # fmt: skip
+def test_cosmos_predict2_copies_are_identical(name, source):
+    """cosmos_predict2.py copies the schedule-free and loading helpers; they stay identical to their originals."""
+    assert inspect.getsource(getattr(source, name)) == inspect.getsource(getattr(cosmos_predict2, name))
