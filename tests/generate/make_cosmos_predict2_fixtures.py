@@ -93,6 +93,71 @@ def randomize(net, generator):
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator))
 
 
+DIFFUSERS_NAMES = [  # official -> diffusers, in this order (diffusers' convert_cosmos_transformer_checkpoint_to_diffusers)
+    ("t_embedder.1", "time_embed.t_embedder"), ("t_embedding_norm", "time_embed.norm"), ("blocks", "transformer_blocks"),
+    ("adaln_modulation_self_attn.1", "norm1.linear_1"), ("adaln_modulation_self_attn.2", "norm1.linear_2"),
+    ("adaln_modulation_cross_attn.1", "norm2.linear_1"), ("adaln_modulation_cross_attn.2", "norm2.linear_2"),
+    ("adaln_modulation_mlp.1", "norm3.linear_1"), ("adaln_modulation_mlp.2", "norm3.linear_2"),
+    ("self_attn", "attn1"), ("cross_attn", "attn2"), ("q_proj", "to_q"), ("k_proj", "to_k"), ("v_proj", "to_v"),
+    ("output_proj", "to_out.0"), ("q_norm", "norm_q"), ("k_norm", "norm_k"), ("mlp.layer1", "ff.net.0.proj"),
+    ("mlp.layer2", "ff.net.2"), ("x_embedder.proj.1", "patch_embed.proj"),
+    ("final_layer.adaln_modulation.1", "norm_out.linear_1"), ("final_layer.adaln_modulation.2", "norm_out.linear_2"),
+    ("final_layer.linear", "proj_out"),
+]  # fmt: skip
+
+
+def check_diffusers(tensors):
+    """Relative errors of diffusers' CosmosTransformer3DModel against FastGen's outputs (text2world, Video2World)."""
+    import torch.nn.functional as F
+    from diffusers import CosmosTransformer3DModel
+    from diffusers.models.transformers import transformer_cosmos
+
+    class NearestResize:  # diffusers resizes the padding mask with torchvision; the same nearest resize in torch
+        class InterpolationMode:
+            NEAREST = "nearest"
+
+        class functional:
+            @staticmethod
+            def resize(x, size, interpolation=None):
+                return F.interpolate(x, size=size, mode="nearest")
+
+    transformer_cosmos.transforms = NearestResize
+    weights = {}
+    for key, value in tensors.items():
+        if not key.startswith(("input.", "output.", "pos_embedder.")):  # diffusers recomputes the RoPE tables
+            for official, theirs in DIFFUSERS_NAMES:
+                key = key.replace(official, theirs)
+            weights[key] = value
+    net = CosmosTransformer3DModel(
+        in_channels=TINY["in_channels"] + 1,  # the condition mask; diffusers adds the padding mask itself
+        out_channels=TINY["out_channels"],
+        num_attention_heads=TINY["num_heads"],
+        attention_head_dim=TINY["model_channels"] // TINY["num_heads"],
+        num_layers=TINY["num_blocks"],
+        mlp_ratio=4.0,
+        text_embed_dim=TINY["crossattn_emb_channels"],
+        adaln_lora_dim=TINY["adaln_lora_dim"],
+        max_size=(TINY["max_frames"], TINY["max_img_h"], TINY["max_img_w"]),
+        patch_size=(1, 2, 2),
+        rope_scale=(1.0, 3.0, 3.0),
+        concat_padding_mask=True,
+        extra_pos_embed_type=None,
+        use_crossattn_projection=True,
+        crossattn_proj_in_channels=TINY["crossattn_proj_in_channels"],
+        encoder_hidden_states_channels=TINY["crossattn_emb_channels"],
+    ).eval()
+    net.load_state_dict(weights, strict=True)
+    x, text, mask = tensors["input.x"], tensors["input.text"], tensors["input.condition_mask"]
+    replaced = torch.cat([tensors["input.cond_latents"], x[:, :, 1:]], dim=2)
+    no_padding = torch.zeros(1, 1, *x.shape[-2:])
+    with torch.no_grad():
+        t2w = net(torch.cat([x, torch.zeros_like(mask)], 1), tensors["input.t"], text, fps=24, padding_mask=no_padding)
+        v2w = net(torch.cat([replaced, mask], 1), tensors["input.t_frames"][:, None, :, None, None], text, fps=24, padding_mask=no_padding)  # fmt: skip
+    for name, out in (("t2w", t2w.sample), ("v2w", v2w.sample)):
+        ref = tensors[f"output.{name}"]
+        print(f"diffusers {name}: relative error {((out - ref).abs().max() / ref.abs().max()).item():.2e}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fastgen_repo", default="/tmp/fastgen")
@@ -150,6 +215,7 @@ def main():
     path = os.path.join(TESTS, "fixtures", "cosmos_predict2_tiny.safetensors")
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"config": json.dumps(TINY)})
     print(path, os.path.getsize(path), "bytes")
+    check_diffusers(tensors)
 
 
 if __name__ == "__main__":
