@@ -35,7 +35,7 @@ released configs; FastGen's default 24 fps is a no-op too); the UniPC sampler (a
 
     model = from_pretrained("cosmos-predict2.5-2b", dtype=torch.bfloat16, device="cuda")
     noise = torch.randn(1, 16, 24, 88, 160, device="cuda")      # 93 frames of 704 x 1280
-    latents = sample_euler(model, noise, text_embeds, neg_text_embeds, steps=35, guidance=7.0)
+    latents = sample_euler(model, noise, text_embeds, neg_text_embeds, steps=35, guidance=8.0)
 """
 
 import json
@@ -235,8 +235,13 @@ def apply_rope(x, cos, sin):
 
 class RopePositions(nn.Module):
     """3-D RoPE angles: the head dim splits into time, height, width parts (head 128: 44, 42, 42); each axis has base
-    10000 * ratio^(d / (d - 2)) (NTK-aware extrapolation, ratio 3 on height and width). The buffers are the official
-    ones (they are in the checkpoint): the positions 0..max-1 and each axis' exponents 2i / d."""
+    10000 * ratio^(d / (d - 2)) (NTK-aware extrapolation, ratio 3 on height and width), exponents 2i / d, and
+    positions 0, 1, ... along the axis.
+
+    NOTE: the official buffers (positions 0..max-1, each axis' exponents) are kept because the checkpoint holds them
+    and loading is strict, but the angles are recomputed here in float32: a bfloat16 copy of the model (or of the
+    file) would round the exponents by up to 0.4%, and the angles at far positions by ~1%. With float32 buffers, as
+    in training, the two agree exactly."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -249,17 +254,15 @@ class RopePositions(nn.Module):
         self.register_buffer("dim_temporal_range", torch.arange(0, self.dim_t, 2).float() / self.dim_t)
         self.ratios = (cfg.rope_t_extrapolation_ratio, cfg.rope_h_extrapolation_ratio, cfg.rope_w_extrapolation_ratio)
 
-    def forward(self, T, H, W):
+    def forward(self, T, H, W, device=None):
         """cos and sin of the angles, each (T H W, 1, d/2), tokens in (t, h, w) order, float32."""
         if max(T, H, W) > len(self.seq):
             raise ValueError(f"{T}x{H}x{W} tokens exceed the {len(self.seq)} RoPE positions of this model")
-        seq = self.seq.float()
         angles = []
-        for n, ratio, dim, exponents in zip(
-            (T, H, W), self.ratios, (self.dim_t, self.dim_h, self.dim_h), (self.dim_temporal_range, self.dim_spatial_range, self.dim_spatial_range)
-        ):  # fmt: skip
+        for n, ratio, dim in zip((T, H, W), self.ratios, (self.dim_t, self.dim_h, self.dim_h)):
             theta = 10000.0 * ratio ** (dim / (dim - 2))
-            angles.append(torch.outer(seq[:n], 1.0 / theta ** exponents.float()))
+            exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
+            angles.append(torch.outer(torch.arange(n, dtype=torch.float32, device=device), 1.0 / theta**exponents))
         t, h, w = angles
         grid = torch.cat(
             [t[:, None, None].expand(T, H, W, -1), h[None, :, None].expand(T, H, W, -1), w[None, None].expand(T, H, W, -1)],
@@ -458,7 +461,7 @@ class CosmosPredict2(nn.Module):
             padding = padding[:, :, None].expand(B, 1, T, H, W)
         h = self.x_embedder(torch.cat([x, mask, padding], dim=1))  # (B, T', H', W', D)
         _, Tp, Hp, Wp, D = h.shape
-        rope = self.pos_embedder(Tp, Hp, Wp)
+        rope = self.pos_embedder(Tp, Hp, Wp, device=x.device)
 
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(-1, 1).expand(B, 1) if t.ndim < 2 else t  # (B, 1) shared by all frames, or (B, T')
@@ -488,8 +491,8 @@ class CosmosPredict2(nn.Module):
 def guided(model, x, t, text_embeds, neg_text_embeds=None, guidance=1.0, **cond):
     """Flow with classifier-free guidance u + w (c - u), u from the negative prompt, in one batch of 2B.
 
-    NOTE: the official Video2World model combines c + g (c - u) (its guidance g = our w - 1); its text-to-world model
-    and FastGen use the form here.
+    NOTE: the official model (Video2WorldModelRectifiedFlow, also used for text-to-world) combines c + g (c - u), so
+    its guidance g is our w - 1 (its default 7 is our 8); FastGen and the official text2world model use this form.
     """
     if guidance == 1.0 or neg_text_embeds is None:
         return model(x, t, text_embeds, **cond)
@@ -507,7 +510,7 @@ def sample_euler(
     text_embeds,
     neg_text_embeds=None,
     steps=35,
-    guidance=7.0,
+    guidance=8.0,
     shift=5.0,
     cond_latents=None,
     cond_t=0.0,
@@ -515,7 +518,7 @@ def sample_euler(
     progress=False,
 ):
     """Euler on the flow ODE dx/dt = flow(x, t), from noise at t = 1 to t = 0 on shift-5 warped times (the official
-    35-step schedule; it integrates with UniPC). Returns latents.
+    35-step schedule and guidance; it integrates with UniPC). Returns latents.
 
     Video2World: `cond_latents` (B, C, Tc, H, W) are kept clean on the first Tc frames; those frames are fed at time
     `cond_t` (FastGen's sampler uses 0; None feeds them the current t, as the released training did), and their flow

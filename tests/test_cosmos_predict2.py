@@ -160,6 +160,19 @@ def test_feature_taps_match_fastgen():
     assert torch.equal(early[0], features[0]) and torch.equal(out, model(x, time, text))
 
 
+def test_rope_buffers_equal_fastgens_but_the_angles_come_from_the_config():
+    """The checkpoint's RoPE buffers are FastGen's (and the official) values. The angles are computed from the config,
+    so a rounded copy of the exponents (a bfloat16 file rounds 1/42 by 0.2%) leaves the output unchanged."""
+    model, t = fixture_model()
+    weights, _ = load_fixture()
+    for name in ("seq", "dim_spatial_range", "dim_temporal_range"):
+        assert torch.equal(getattr(model.pos_embedder, name), weights[f"pos_embedder.{name}"])
+    with torch.no_grad():
+        model.pos_embedder.dim_spatial_range.mul_(1.004)
+        model.pos_embedder.dim_temporal_range.mul_(0.996)
+        assert relative_error(model(t["input.x"], t["input.t"], t["input.text"]), t["output.t2w"]) < 1e-5
+
+
 def test_forward_backward_finite():
     torch.manual_seed(0)
     model = cp.CosmosPredict2(cp.CONFIGS["tiny"]).train()
