@@ -66,6 +66,9 @@ COPIES = [
     ("edm", "sd15", ["_expand", "_safe", "to_x0", "from_x0", "convert", "_progress", "check_keys"]),
     ("dit", "sd15", ["_log_abar"]),
     ("autoencoder_kl", "sd15", ["_read_safetensors", "_hub_folder", "_is_repo_id"]),
+    ("edm", "cosmos_predict2", ["_safe", "_progress", "check_keys", "config_to_json"]),
+    ("dit", "cosmos_predict2", ["config_from_json"]),
+    ("autoencoder_kl", "cosmos_predict2", ["_read_safetensors"]),
     ("autoencoder_kl", "cogvideox_vae", ["group_norm", "DiagonalGaussian", "_read_safetensors", "check_keys", "_hub_folder", "_is_repo_id"]),
     ("autoencoder_kl", "wan_vae", ["DiagonalGaussian", "_read_safetensors", "check_keys", "_hub_folder", "_is_repo_id"]),
 ]  # fmt: skip
