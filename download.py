@@ -58,7 +58,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from models import dit, inception
+from models import cosmos_predict2, dit, inception
 
 # -----------------------------------------------------------------------------
 # What can be fetched. Sizes are approximate: the pickles' from parameter counts (EDM fp32, EDM2 fp16).
@@ -151,13 +151,15 @@ HUB = {
     "wan2.1-t2v-14b":       HubEntry("Wan-AI/Wan2.1-T2V-14B-Diffusers", pipeline(*WAN), "?"),
     "wan2.1-i2v-14b-480p":  HubEntry("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", pipeline(*WAN, "image_encoder", "image_processor"), "?"),
     "wan2.1-i2v-14b-720p":  HubEntry("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", pipeline(*WAN, "image_encoder", "image_processor"), "?"),
-    "wan2.1-vace-1.3b":     HubEntry("Wan-AI/Wan2.1-VACE-1.3B-Diffusers", pipeline(*WAN), "?"),
+    "wan2.1-vace-1.3b":     HubEntry("Wan-AI/Wan2.1-VACE-1.3B-diffusers", pipeline(*WAN), "?"),
     "cogvideox-2b":         HubEntry("THUDM/CogVideoX-2b", pipeline("transformer", "vae", *TEXT_TO_IMAGE), "?"),
     "cogvideox-5b":         HubEntry("THUDM/CogVideoX-5b", pipeline("transformer", "vae", *TEXT_TO_IMAGE), "?"),
-    # The seed's `huggingface-cli download REPO --local-dir $CKPT_ROOT_DIR/...` commands: whole repos, kept under --root.
-    "cosmos-predict2.5-2b":  HubEntry("nvidia/Cosmos-Predict2.5-2B", ("*",), "?", local_dir="cosmos_predict2/Cosmos-Predict2.5-2B", gated=True),
-    "cosmos-predict2.5-14b": HubEntry("nvidia/Cosmos-Predict2.5-14B", ("*",), "?", local_dir="cosmos_predict2/Cosmos-Predict2.5-14B", gated=True),
+    # Kept under --root in the seed's `huggingface-cli download REPO --local-dir $CKPT_ROOT_DIR/...` folders.
+    # Cosmos: the seed fetches whole repos (several checkpoints); here only the post-trained EMA weights the preset loads.
+    "cosmos-predict2.5-2b":  HubEntry("nvidia/Cosmos-Predict2.5-2B", (cosmos_predict2.CONFIGS["cosmos-predict2.5-2b"].file,), "~4.1 GB", local_dir="cosmos_predict2/Cosmos-Predict2.5-2B", gated=True),
+    "cosmos-predict2.5-14b": HubEntry("nvidia/Cosmos-Predict2.5-14B", (cosmos_predict2.CONFIGS["cosmos-predict2.5-14b"].file,), "~29 GB", local_dir="cosmos_predict2/Cosmos-Predict2.5-14B", gated=True),
     "self-forcing-ode-init": HubEntry("gdhe17/Self-Forcing", ("checkpoints/ode_init.pt",), "?", local_dir="Self-Forcing"),
+    "wan2.1-vace-14b":      HubEntry("Wan-AI/Wan2.1-VACE-14B-diffusers", pipeline(*WAN), "?"),
 }
 # fmt: on
 

@@ -702,10 +702,12 @@ def _is_repo_id(name):
     return bool(org and repo) and "/" not in repo and not name.startswith(".")
 
 
-def from_pretrained(name_or_path, config=None, device="cpu", dtype=torch.float32):
+def from_pretrained(name_or_path, config=None, root=None, device="cpu", dtype=torch.float32):
     """Build the network on the meta device and load its weights strictly.
 
-    `name_or_path`: a released name in CONFIGS (its .pt from the Hub), a local .pt / .safetensors file or sharded
+    `name_or_path`: a released name in CONFIGS (its .pt under `root`, default $CKPT_ROOT_DIR or ./checkpoints, in the
+    seed's folder cosmos_predict2/<repo name>/ where `python download.py NAME` writes it, else from the Hugging Face
+    cache or the Hub), a local .pt / .safetensors file or sharded
     index, a local folder (config.json and model.safetensors or its index, as written by the training scripts), or
     a Hub repo id of such a folder. The architecture comes from `config` (a CONFIGS name or a Config), else the
     preset, else config.json, else the checkpoint's shapes. Returns the model in eval mode.
@@ -715,7 +717,10 @@ def from_pretrained(name_or_path, config=None, device="cpu", dtype=torch.float32
         preset = CONFIGS[name_or_path]
         if not preset.repo:
             raise ValueError(f"{name_or_path} has no released weights; build it with CosmosPredict2(CONFIGS[...])")
-        path, config = _hub(preset.repo, preset.file), preset if config is None else config
+        root = root or os.environ.get("CKPT_ROOT_DIR", "checkpoints")
+        path = os.path.join(root, "cosmos_predict2", preset.repo.split("/")[-1], preset.file)
+        path = path if os.path.exists(path) else _hub(preset.repo, preset.file)
+        config = preset if config is None else config
     elif os.path.isfile(name_or_path):
         path = name_or_path
     elif os.path.isdir(name_or_path):
