@@ -10,7 +10,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".py") and f != "__init__.py")
-RUNTIME_FILES = [os.path.join("models", f) for f in MODEL_FILES] + ["sample.py", "download.py"]
+SCRIPTS = sorted(
+    f for f in os.listdir(ROOT) if f.endswith(".py")
+)  # train_*.py, sample.py, download.py, encoders.py, toy.py
+RUNTIME_FILES = [os.path.join("models", f) for f in MODEL_FILES] + SCRIPTS
 ALLOWED_IN_MODELS = {"json", "math", "os", "dataclasses", "torch", "safetensors", "huggingface_hub", "tqdm"}
 
 
