@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,7 +40,21 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models import autoencoder_kl, dit, edm, edm2, inception
+from models import (  # fmt: skip
+    autoencoder_kl,
+    cogvideox,
+    cogvideox_vae,
+    cosmos_predict2,
+    dit,
+    edm,
+    edm2,
+    flux,
+    inception,
+    sd15,
+    sdxl,
+    wan,
+    wan_vae,
+)
 
 # model name -> (model file, model class, its tiny config, samplers with the first as default)
 MODELS = {
@@ -49,24 +64,50 @@ MODELS = {
     "sit": (dit, dit.DiT, "tiny-sit", ("heun", "euler", "student")),
 }
 LATENT = {"dit", "sit"}  # models of VAE latents, decoded with --vae
+
+
+@dataclass(frozen=True)
+class TextModel:
+    """A text-conditioned family: its model file and class, autoencoder, encoders (encoders.py) and defaults."""
+
+    module: object
+    model_class: type
+    vae: object  # the autoencoder's model file
+    pipeline: str  # default Hub repo of the encoders and autoencoder (the teacher's)
+    teacher: str  # the teacher's sampler
+    steps: int
+    guidance: float
+    size: tuple  # default (height, width, frames); frames 0 for images
+    tiny: dict  # tiny encoder widths, matching CONFIGS["tiny"]
+
+
+TEXT_MODELS = {
+    "flux": TextModel(flux, flux.FluxModel, autoencoder_kl, "black-forest-labs/FLUX.1-dev", "euler", 28, 3.5, (1024, 1024, 0), {"clip": 16, "t5": 32}),  # guidance: the distilled embedding
+    "sd15": TextModel(sd15, sd15.UNet, autoencoder_kl, "stable-diffusion-v1-5/stable-diffusion-v1-5", "ddim", 50, 7.5, (512, 512, 0), {"clip": 32}),
+    "sdxl": TextModel(sdxl, sdxl.UNet, autoencoder_kl, "stabilityai/stable-diffusion-xl-base-1.0", "euler", 50, 5.0, (1024, 1024, 0), {"clip": 32, "clip2": 32}),
+    "wan": TextModel(wan, wan.WanModel, wan_vae, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "euler", 50, 5.0, (480, 832, 81), {"umt5": 32}),
+    "cogvideox": TextModel(cogvideox, cogvideox.CogVideoXTransformer, cogvideox_vae, "THUDM/CogVideoX-2b", "ddim", 50, 6.0, (480, 720, 49), {"t5": 32}),
+    "cosmos": TextModel(cosmos_predict2, cosmos_predict2.CosmosPredict2, wan_vae, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "euler", 35, 8.0, (704, 1280, 93), {"qwen": 20}),
+}  # fmt: skip
+TINY_TEXT = {"flux": "tiny", "sd15": "tiny", "sdxl": "tiny", "wan": "tiny", "cogvideox": "tiny-2b", "cosmos": "tiny"}
 DEFAULT_STEPS = {"heun": 18, "euler": 18, "student": 1, "ddpm": 250, "ddim": 50}  # EDM's 18, DiT's 250
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", choices=sorted(MODELS), default="edm", help="model family")
+parser.add_argument("--model", choices=sorted(MODELS) + sorted(TEXT_MODELS), default="edm", help="model family")
 parser.add_argument("--ckpt", default=None, help="CONFIGS name or checkpoint path (.safetensors; DiT/SiT also .pt); required unless --tiny")  # fmt: skip
 parser.add_argument("--arch", default=None, help="dit/sit: the CONFIGS name of a checkpoint file that does not say (e.g. SiT-XL/2)")  # fmt: skip
 parser.add_argument("--vae", default="sd-vae-ft-mse", help="dit/sit: the autoencoder that decodes latents (models/autoencoder_kl.py name, Hub repo or folder)")  # fmt: skip
 parser.add_argument("--tiny", action="store_true", help="a tiny randomly initialised network: checks the code path")
 parser.add_argument("--root", default=None, help="checkpoint root for CONFIGS names (default $CKPT_ROOT_DIR or ./checkpoints)")  # fmt: skip
-parser.add_argument("--sampler", choices=sorted(DEFAULT_STEPS), default=None,
+parser.add_argument("--sampler", choices=sorted(DEFAULT_STEPS) + ["teacher"], default=None,
                     help="heun: EDM Alg. 1 (teachers; default for edm, edm2, sit); euler: first-order ODE; student: x0 then re-noise (distilled students); dit: ddpm (ancestral, learned variance; its default) or ddim")  # fmt: skip
 parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 18 for heun/euler, 250 for ddpm, 50 for ddim, 1 for student)")  # fmt: skip
-parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale; 1 = off")
+parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = off (default 1; text models: the teacher's, e.g. 3.5 for Flux's guidance embedding, 7.5 SD1.5, 5 Wan; students: 1)")  # fmt: skip
 parser.add_argument("--guided_channels", type=int, default=None,
                     help="dit/sit: guide only the first K latent channels; 3 reproduces the official samplers and their FIDs (default: all)")  # fmt: skip
 parser.add_argument("--class", dest="class_label", type=int, default=None,
                     help="class index for every sample (default: random classes; ignored by unconditional models)")  # fmt: skip
-parser.add_argument("--n", type=int, default=64, help="number of images; with --fid, how many of them the grid shows")
+parser.add_argument("--n", type=int, default=None, help="number of images (default 64); with --fid, how many of them the grid shows; text models: samples per prompt (default 1)")  # fmt: skip
 parser.add_argument("--batch", type=int, default=64, help="images per network call")
 parser.add_argument("--seed", type=int, default=0, help="image k uses seed SEED + k for its noise and class")
 parser.add_argument(
@@ -82,6 +123,19 @@ parser.add_argument("--save_pairs", default=None, metavar="DIR",
                     help="instead of images, write --n (noise, teacher output) pairs for `train_edm.py --method kd --pairs DIR`: the Heun ODE solution of each noise, --batch pairs per shard; rerunning resumes")  # fmt: skip
 parser.add_argument("--pair_states", type=int, default=1, metavar="P",
                     help="with --save_pairs: states of each trajectory kept, at the student times t_list(P) (1 = the noise; 4 for 2- and 4-step students)")  # fmt: skip
+text = parser.add_argument_group("text-to-image and video models (flux, sd15, sdxl, wan, cogvideox, cosmos)")
+text.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
+text.add_argument("--prompt_file", default=None, help="prompts, one per line")
+text.add_argument("--negative_prompt", default="", help="the unconditional prompt of classifier-free guidance")
+text.add_argument("--pipeline", default=None, help="Hub repo or local folder of the text encoders and autoencoder (default: the teacher's repo)")  # fmt: skip
+text.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
+text.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
+text.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4k (default: the model's native length)")
+text.add_argument(
+    "--causal", action="store_true", help="wan: a causal student, generated chunk by chunk with a KV cache"
+)
+text.add_argument("--chunk_size", type=int, default=3, help="wan --causal: latent frames per chunk")
+text.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights and activations of the denoiser and encoders")  # fmt: skip
 parser.add_argument("--out_dir", default="out/samples", help="where samples.png (samples.npz, fid.json) are written")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -206,6 +260,10 @@ def generate(args, module, model, noise, y, steps, device, seed):
 
 
 def main(args):
+    if args.model in TEXT_MODELS:
+        return main_text(args)
+    args.guidance = 1.0 if args.guidance is None else args.guidance
+    args.n = 64 if args.n is None else args.n
     # Distributed setup: torchrun sets these; a plain `python` run is one process.
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed:
@@ -333,6 +391,167 @@ def main(args):
             print(f"wrote {path}")
     if distributed:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------
+# Text-to-image and text-to-video models
+
+
+def load_text_model(args, spec, device, dtype):
+    """(denoiser, autoencoder, text encoder) of --model: tiny random ones, or --ckpt with --pipeline's encoders."""
+    from encoders import TextEncoder
+
+    module = spec.module
+    if args.tiny:
+        torch.manual_seed(args.seed)
+        model = spec.model_class(module.CONFIGS[TINY_TEXT[args.model]]).eval()
+        vae_cfg = spec.vae.CONFIGS["tiny"]
+        if args.model == "flux":  # Flux's autoencoder has 16 latent channels
+            vae_cfg = replace(vae_cfg, latent_channels=flux.LATENT_CHANNELS)
+        vae = spec.vae.__dict__[type_name(spec.vae)](vae_cfg).eval()
+        encoder = TextEncoder("cosmos" if args.model == "cosmos" else args.model, tiny=spec.tiny, device=device)
+        return model.to(device, dtype), vae.to(device), encoder
+    if args.ckpt is None:
+        sys.exit("error: give --ckpt (a CONFIGS name, Hub repo, folder or trained .safetensors), or --tiny")
+    model = module.from_pretrained(args.ckpt, device=device, dtype=dtype)
+    pipeline = args.pipeline or getattr(module.CONFIGS.get(args.ckpt), "repo", None) or spec.pipeline
+    if args.model == "cosmos":  # the Wan 2.1 autoencoder and Cosmos-Reason1 from their own repos
+        vae, encoder = wan_vae.from_pretrained(args.pipeline or "wan2.1", device=device), TextEncoder("cosmos", None, device=device, dtype=dtype)  # fmt: skip
+    else:
+        vae = spec.vae.from_pretrained(pipeline, device=device)
+        encoder = TextEncoder(args.model, pipeline, device=device, dtype=dtype)
+    return model, vae, encoder
+
+
+def type_name(vae_module):
+    return {autoencoder_kl: "AutoencoderKL", wan_vae: "WanVAE", cogvideox_vae: "AutoencoderKLCogVideoX"}[vae_module]
+
+
+def vae_factors(vae):
+    """(time, space) downsampling of an autoencoder: space 2 per level after the first, time 4 for the video ones."""
+    levels = len(getattr(vae.cfg, "block_out_channels", None) or vae.cfg.dim_mult)
+    return (1 if isinstance(vae, autoencoder_kl.AutoencoderKL) else 4), 2 ** (levels - 1)
+
+
+def generate_text(args, spec, model, noise, cond, uncond, steps, generator, pixels):
+    """One batch of latents from --model's teacher sampler or its few-step student sampler; `pixels`: (height, width)
+    of the images, SDXL's micro-conditioning."""
+    m, g, student = args.model, args.guidance, args.sampler == "student"
+    if m == "flux":
+        if student:
+            return flux.sample_student(model, noise, cond["text"], cond["pooled"], steps=steps, guidance=g, generator=generator)  # fmt: skip
+        return flux.sample_euler(model, noise, cond["text"], cond["pooled"], steps=steps, guidance=g)
+    if m in ("sd15", "sdxl"):
+        module = spec.module
+        if m == "sdxl":
+            time_ids = sdxl.add_time_ids(pixels, (0, 0), pixels, batch=len(noise), device=noise.device)
+            cond, uncond = dict(cond, time_ids=time_ids), dict(uncond, time_ids=time_ids)
+        if student:
+            return module.sample_student(model, noise, cond, uncond, steps=steps, guidance=g, generator=generator)
+        sampler = module.sample_ddim if spec.teacher == "ddim" else module.sample_euler
+        return sampler(model, noise, cond, uncond, steps=steps, guidance=g)
+    if m == "wan":
+        if args.causal:
+            return wan.causal_sample(model, noise, cond["text"], times=wan.t_list(steps), chunk_size=args.chunk_size,
+                                     neg_text=uncond["text"], guidance=g, generator=generator)  # fmt: skip
+        if student:
+            return wan.sample_student(model, noise, cond["text"], times=wan.t_list(steps), neg_text=uncond["text"], guidance=g, generator=generator)  # fmt: skip
+        return wan.sample_euler(model, noise, cond["text"], uncond["text"], steps=steps, guidance=g)
+    if m == "cogvideox":
+        if student:
+            return cogvideox.sample_student(model, noise, cond["text"], steps=steps, negative_text=uncond["text"], guidance=g, generator=generator)  # fmt: skip
+        return cogvideox.sample_ddim(model, noise, cond["text"], uncond["text"], steps=steps, guidance=g)
+    if student:
+        return cosmos_predict2.sample_student(model, noise, cond["text"], steps=steps, neg_text_embeds=uncond["text"], guidance=g, generator=generator)  # fmt: skip
+    return cosmos_predict2.sample_euler(model, noise, cond["text"], uncond["text"], steps=steps, guidance=g)
+
+
+def write_video(frames, path_stem, fps=16):
+    """uint8 frames (T, H, W, C): MP4 through imageio (with its ffmpeg plugin) when installed, else an animated GIF.
+    Returns the path written."""
+    try:
+        import imageio.v3 as iio
+
+        iio.imwrite(path_stem + ".mp4", frames, fps=fps, codec="libx264")
+        return path_stem + ".mp4"
+    except Exception:  # imageio or its ffmpeg backend missing: fall back to a GIF, which PIL always writes
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return path_stem + ".gif"
+
+
+def main_text(args):
+    spec = TEXT_MODELS[args.model]
+    if args.sampler not in (None, "teacher", "student"):
+        sys.exit(f"error: --model {args.model} samples with teacher (its {spec.teacher}) or student")
+    if args.fid or args.save_pairs or args.npz:
+        sys.exit("error: --fid, --save_pairs and --npz are for the class-conditional models")
+    if args.causal and (args.model != "wan" or args.sampler == "teacher"):
+        sys.exit("error: --causal samples a causal Wan student: --model wan --sampler student")
+    args.sampler = "student" if args.causal else args.sampler or "teacher"
+    student = args.sampler == "student"
+    args.guidance = (1.0 if student else spec.guidance) if args.guidance is None else args.guidance
+    steps = args.steps or (4 if student else spec.steps)
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        sys.exit("error: give --prompt TEXT (repeatable) or --prompt_file FILE")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    try:
+        model, vae, encoder = load_text_model(args, spec, device, dtype)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+    height, width, frames = spec.size
+    if args.tiny:
+        height = width = 8 * vae_factors(vae)[1]
+        frames = 1 + 4 * 2 if frames else 0
+    height, width = args.height or height, args.width or width
+    frames = args.frames or frames
+    t_factor, s_factor = vae_factors(vae)
+    if height % (2 * s_factor) or width % (2 * s_factor):
+        sys.exit(f"error: --height and --width must be multiples of {2 * s_factor} for this model")
+    if frames and (frames - 1) % 4:
+        sys.exit("error: --frames must be 1 + 4k (1, 5, 9, ..., 81)")
+    channels = flux.LATENT_CHANNELS if args.model == "flux" else model.cfg.in_channels
+    if args.model == "cosmos":
+        channels = model.cfg.out_channels
+    shape = (channels, height // s_factor, width // s_factor)
+    if frames:
+        shape = (channels, 1 + (frames - 1) // t_factor) + shape[1:]
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    start, first_chunk, images = time.time(), None, []
+    per_prompt = args.n or 1
+    with torch.no_grad():
+        for k, prompt in enumerate(tqdm(prompts, unit="prompt", desc=f"{args.model} {args.sampler} x{steps}")):
+            cond = {key: v.to(device, dtype) for key, v in encoder([prompt] * per_prompt).items()}
+            uncond = {key: v.to(device, dtype) for key, v in encoder([args.negative_prompt] * per_prompt).items()}
+            gens = [torch.Generator().manual_seed(args.seed + k * per_prompt + j) for j in range(per_prompt)]
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
+            generator = torch.Generator(device).manual_seed(args.seed + k)
+            latents = generate_text(args, spec, model, noise, cond, uncond, steps, generator, (height, width))
+            if first_chunk is None:
+                first_chunk = time.time() - start
+            decoded = vae.decode(latents.to(next(vae.parameters()).dtype))  # [-1, 1]
+            images.append(decoded.float().cpu())
+    elapsed = time.time() - start
+    x = torch.cat(images)
+    if frames:  # (N, C, T, H, W): one grid per frame
+        video = np.stack([image_grid(to_uint8(x[:, :, i])) for i in range(x.shape[2])])
+        path = write_video(video, os.path.join(args.out_dir, "samples"))
+        Image.fromarray(video[0]).save(os.path.join(args.out_dir, "samples.png"))
+        print(f"wrote {path} and samples.png: {len(x)} videos of {x.shape[2]} frames in {elapsed:.1f} s "
+              f"({len(x) * x.shape[2] / elapsed:.2f} frames/s; the first prompt's videos after {first_chunk:.2f} s)")  # fmt: skip
+    else:
+        png = os.path.join(args.out_dir, "samples.png")
+        Image.fromarray(image_grid(to_uint8(x))).save(png)
+        print(f"wrote {png}: {len(x)} images in {elapsed:.1f} s")
+    with open(os.path.join(args.out_dir, "prompts.json"), "w") as f:
+        json.dump(dict(prompts=prompts, model=args.model, ckpt="tiny" if args.tiny else args.ckpt, sampler=args.sampler,
+                       steps=steps, guidance=args.guidance, seed=args.seed, height=height, width=width, frames=frames), f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -545,6 +545,20 @@ def sample_euler(
     return x.to(noise.dtype)
 
 
+@torch.no_grad()
+def sample_student(model, noise, text_embeds, times=None, steps=4, neg_text_embeds=None, guidance=1.0, generator=None):
+    """Few-step student sampling (FastGen's default): predict x0, re-noise it to the next time with fresh noise."""
+    times = t_list(steps) if times is None else torch.as_tensor(times, dtype=torch.float64)
+    x = noise * sigma(times[0]).to(noise.dtype)  # x_t of t_0 from pure noise (the x0 term is negligible at 0.999)
+    for i in range(len(times) - 1):
+        t = times[i].expand(len(x)).to(x.device)
+        x0 = to_x0(x, guided(model, x, t, text_embeds, neg_text_embeds, guidance), t).to(x.dtype)
+        if times[i + 1] > 0:
+            fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = (alpha(times[i + 1]) * x0 + sigma(times[i + 1]) * fresh).to(x.dtype)
+    return x0
+
+
 def _progress(iterable, enabled):
     if not enabled:
         return iterable

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -213,3 +214,47 @@ def test_dit_latents_are_decoded_by_the_vae(tmp_path):
     assert wrong.returncode != 0 and "is a DiT checkpoint; use --model dit" in wrong.stderr
     refused = run("sample.py", "--model", "sit", "--tiny", "--sampler", "ddpm")
     assert refused.returncode != 0 and "--model sit samples with heun, euler, student, not ddpm" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "model, extra, pixels",
+    [("flux", [], 16), ("sd15", [], 16), ("sdxl", [], 16), ("wan", ["--causal", "--sampler", "student", "--chunk_size", "1"], 64),
+     ("cogvideox", [], 64), ("cosmos", ["--sampler", "student"], 64)],
+)  # fmt: skip
+def test_text_models_tiny(model, extra, pixels, tmp_path):
+    """Every text-to-image and video family samples end to end: tiny encoders, denoiser, sampler and autoencoder."""
+    result = run("sample.py", "--model", model, "--tiny", "--prompt", "a red fox", "--prompt", "two cats", "--steps", "2", *extra, "--out_dir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    grid = Image.open(tmp_path / "samples.png")
+    assert grid.size == (2 * pixels, pixels)  # two prompts side by side
+    settings = json.loads((tmp_path / "prompts.json").read_text())
+    assert settings["prompts"] == ["a red fox", "two cats"] and settings["steps"] == 2
+    if model in ("wan", "cogvideox", "cosmos"):
+        video = Image.open(tmp_path / "samples.gif")
+        assert video.n_frames == 9 and video.size == grid.size
+
+
+def test_flux_cli_equals_the_model_sampler(tmp_path):
+    """sample.py's Flux path is flux.sample_euler on seeded noise and the prompts' embeddings, decoded by the VAE."""
+    import argparse
+
+    import sample
+    from models import flux
+
+    result = run("sample.py", "--model", "flux", "--tiny", "--prompt", "a red fox", "--steps", "3", "--guidance", "2.5", "--out_dir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    args = argparse.Namespace(model="flux", tiny=True, seed=0)
+    model, vae, encoder = sample.load_text_model(args, sample.TEXT_MODELS["flux"], torch.device("cpu"), torch.float32)
+    cond = encoder(["a red fox"])
+    noise = torch.randn((16, 8, 8), generator=torch.Generator().manual_seed(0))[None]
+    with torch.no_grad():
+        image = vae.decode(flux.sample_euler(model, noise, cond["text"], cond["pooled"], steps=3, guidance=2.5))
+    expected = sample.to_uint8(image)[0]
+    assert np.abs(np.asarray(Image.open(tmp_path / "samples.png")).astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_text_models_need_prompts_and_refuse_class_options(tmp_path):
+    missing = run("sample.py", "--model", "sd15", "--tiny")
+    assert missing.returncode != 0 and "--prompt TEXT" in missing.stderr
+    causal = run("sample.py", "--model", "flux", "--tiny", "--causal", "--prompt", "x")
+    assert causal.returncode != 0 and "--causal samples a causal Wan student" in causal.stderr
