@@ -1,4 +1,4 @@
-"""Train and distill the class-conditional image family (EDM, EDM2): fine-tuning, the consistency family and
+"""Train and distill the class-conditional image family (EDM, EDM2, DiT/SiT): fine-tuning, the consistency family and
 distribution matching.
 
     python train_edm.py                                                    # embedded default: toy teacher -> 1 step
@@ -8,6 +8,8 @@ distribution matching.
     torchrun --nproc_per_node=8 train_edm.py --preset cm-cifar10           # one node
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
         train_edm.py --preset scd-cifar10                                  # several nodes
+    python train_edm.py --model sit --method meanflow --tiny --max_steps 20   # DiT/SiT: the same methods, on latents
+    torchrun --nproc_per_node=8 train_edm.py --preset sft-sit-xl --data datasets/imagenet256-latents --vae sd-vae-ft-mse
 
 Methods (the loss of each is written out below, with its paper's equations):
   sft       denoising score matching, fine-tuning a teacher or training from scratch (EDM Eq. 2)
@@ -19,6 +21,17 @@ Methods (the loss of each is written out below, with its paper's equations):
             2024); critic steps (fake score, heads) between generator steps
   fdistill  DMD2 with per-sample f-divergence weights from the heads' density-ratio estimate (Xu et al. 2025)
   kd        regression onto teacher ODE solutions from `sample.py --save_pairs` (Luhman & Luhman 2021)
+
+DiT and SiT (--model dit|sit, models/dit.py) train with the same losses: they are called as EDM denoisers through an
+exact change of variables (see EDMDiT below), and times on the command line are EDM noise levels sigma (SiT's rf time
+t = sigma / (1 + sigma)). They train on latents: --data toy uses the toy images as 3-channel "latents" (no VAE); real
+runs read a folder of precomputed latents:
+  latents.json   {"shards": ["shard_00000.safetensors", ...], "scaling_factor": 0.18215, "shift_factor": 0.0,
+                  "num_classes": 1000, "vae": "sd-vae-ft-mse", "image_size": 256}   (vae, image_size: informative)
+  shard_*.safetensors  "labels" (N,) int64, and either "latents" (N, C, h, w) float16/32, already normalised
+                 ((z - shift) * scale), or "mean" and "std" (N, C, h, w) of the VAE posterior (FastGen's 8-channel
+                 mean||std form, split in two), from which every batch draws z = mean + std n and normalises it.
+`download.encode_latents` writes this format from an ImageNet-style folder. --vae decodes samples for the grids only.
 
 Outputs in --out_dir: metrics.jsonl, samples/step_NNNNNNN.png, checkpoints ckpt_NNNNNNN/ (student.safetensors,
 ema_*.safetensors, fake_score.safetensors and discriminator.safetensors for dmd2/fdistill, state.pt with optimizer
@@ -128,6 +141,11 @@ class DiTSchedule:
         lo, hi = (native_time(torch.tensor(v, dtype=torch.float64), self.schedule).item() for v in (t_min, t_max))
         return noise_level(dit.sample_t(n, self.schedule, kind, p_mean, p_std, lo, hi), self.schedule)
 
+    def native_weight(self, sigma):
+        """The weight that turns ||D - x0||^2 into the loss on the native output: eps_hat - eps = -(D - x0) / sigma
+        (ddpm: x_t = alpha x, eps = (x_t - alpha x0) / (alpha sigma)); flow_hat - flow = -(D - x0) / t (rf)."""
+        return 1 / sigma**2 if self.schedule == "ddpm" else 1 / native_time(sigma, "rf") ** 2
+
     def t_list(self, steps):
         """dit.t_list in noise levels, ending at exactly 0: rf 1 step [999, 0], ddpm 1 step [157.9, 0]."""
         times = noise_level(dit.t_list(steps, self.schedule), self.schedule)
@@ -178,6 +196,13 @@ PRESETS = {
     "fdistill-cifar10": dict(method="fdistill", f_div="kl", teacher="edm-cifar10-32x32-cond-vp", data="cifar10", optimizer="adamw", lr=1e-4, weight_decay=0.01, t_sampler="polynomial", batch_size=2048, max_steps=100_000, dropout=0.0, student_update_freq=5, gan_weight=1e-3, disc_features="0,1,2", grad_clip=10.0, ema="0.9999,0.99995,0.9996"),
     "dmd2-imagenet64": dict(method="dmd2", teacher="edm-imagenet-64x64-cond-adm", data="datasets/img64.zip", optimizer="adamw", lr=2e-6, weight_decay=0.01, t_sampler="polynomial", batch_size=512, max_steps=600_000, dropout=0.0, student_update_freq=5, gan_weight=3e-3, grad_clip=10.0, ema="0.9999,0.99995,0.9996"),
     "fdistill-imagenet64": dict(method="fdistill", f_div="js", ratio_ema=0.5, teacher="edm-imagenet-64x64-cond-adm", data="datasets/img64.zip", optimizer="adamw", lr=2e-6, weight_decay=0.01, t_sampler="polynomial", batch_size=512, max_steps=600_000, dropout=0.0, student_update_freq=5, gan_weight=3e-3, grad_clip=10.0, ema="0.9999,0.99995,0.9996"),
+    # DiT/SiT on ImageNet-256 latents: FastGen's DiT experiment configs (reference/methods.md §7.1, §7.8; FastGen
+    # configs/experiments/DiT). The data path is a placeholder for the folder `download.encode_latents` writes; the
+    # grids' --vae is DiT's sd-vae-ft-mse. MeanFlow trains from scratch, as FastGen's config_mf_b / config_mf_xl.
+    "sft-dit-xl": dict(method="sft", model="dit", teacher="DiT-XL-2-256x256", data="datasets/imagenet256-latents", optimizer="adamw", lr=1e-5, beta2=0.95, t_sampler="logitnormal", p_mean=-0.4, p_std=1.0, native_weighting=True, label_dropout=0.1, batch_size=256, max_steps=400_000, ema="0.9999,0.99995", precision="bf16", student_steps=50, save_every=10_000),
+    "sft-sit-xl": dict(method="sft", model="sit", teacher="SiT-XL-2-256x256", data="datasets/imagenet256-latents", optimizer="adamw", lr=1e-5, beta2=0.95, t_sampler="uniform", native_weighting=True, label_dropout=0.1, batch_size=256, max_steps=400_000, ema="0.9999,0.99995", precision="bf16", student_steps=50, save_every=10_000),
+    "meanflow-sit-b": dict(method="meanflow", model="sit", teacher="", arch="SiT-B/2", data="datasets/imagenet256-latents", optimizer="adam", lr=1e-4, beta2=0.95, p_mean=-0.4, p_std=1.0, r_p_mean=-0.4, r_p_std=1.0, r_ratio=0.25, mf_norm_p=1.0, mf_norm_c=1.0, batch_size=1024, max_steps=1_200_000, ema="0.9999,0.99995,0.9996", precision="bf16", save_every=50_000),
+    "meanflow-sit-xl": dict(method="meanflow", model="sit", teacher="", arch="SiT-XL/2", data="datasets/imagenet256-latents", optimizer="adam", lr=1e-4, beta2=0.95, p_mean=-0.4, p_std=1.0, r_p_mean=-0.4, r_p_std=1.0, r_ratio=0.25, mf_norm_p=1.0, mf_norm_c=1.0, batch_size=1024, max_steps=1_200_000, ema="0.9999,0.99995,0.9996", precision="bf16", save_every=50_000),
     "cm-toy": dict(method="cm", cd=True, teacher="assets/toy_teacher.safetensors", data="toy", optimizer="radam", lr=1e-3, t_sampler="lognormal", p_mean=-1.1, p_std=2.0, ct_q=2.0, ct_kimg_per_stage=4, batch_size=32, max_steps=300, ema="0.95", eval_every=100, eval_n=500, save_every=300, num_threads=2, quality_report=True),
     "fdistill-toy": dict(method="fdistill", teacher="assets/toy_teacher.safetensors", data="toy", optimizer="adamw", lr=2e-4, critic_lr=1e-3, t_sampler="polynomial", batch_size=32, max_steps=100, ema="0.95", eval_every=50, eval_n=500, save_every=100, num_threads=2, quality_report=True),
     # The embedded default: DMD2 from the shipped toy teacher. The critic learns five times faster than the student;
@@ -225,6 +250,7 @@ parser.add_argument("--p_mean", type=float, default=-1.2)
 parser.add_argument("--p_std", type=float, default=1.2)
 parser.add_argument("--t_max", type=float, default=None, help="largest training noise level (default: the model's, 80 for edm/edm2, 999 for sit, 158 for dit; sCT uses 800)")
 parser.add_argument("--edm_weighting", action="store_true", help="sft: EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2")
+parser.add_argument("--native_weighting", action="store_true", help="sft on dit/sit: weights that make the x0 loss the native one, ||eps_hat - eps||^2 (DiT) or ||flow_hat - flow||^2 (SiT), as FastGen")
 parser.add_argument("--cd", action="store_true", help="cm/scm/tcm/meanflow: distil from the teacher instead of the data alone")
 parser.add_argument("--guidance", type=float, default=1.0, help="teacher classifier-free guidance in --cd targets")
 parser.add_argument("--ct_q", type=float, default=2.0, help="cm/tcm: ECT gap schedule, ratio = 1 - q^-(stage+1)")
@@ -280,6 +306,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.preset = preset
     args.t_max = args.t_max or MODELS[args.model][0].T_MAX
+    if args.native_weighting and args.model not in ("dit", "sit"):
+        parser.error("--native_weighting is for --model dit|sit (edm/edm2 predict x0 natively)")
     if args.tiny:  # the same code path at CPU size
         args.batch_size, args.eval_n = min(args.batch_size, 8), min(args.eval_n, 16)
     return args
@@ -483,6 +511,8 @@ def sft_loss(net, x0, labels, args, module):
     if args.edm_weighting:  # lambda(sigma) = 1 / c_out^2 makes the effective target unit-variance (EDM Sec. 5)
         sd = 0.5
         err = err * ((t**2 + sd**2) / (t * sd) ** 2).float()
+    if args.native_weighting:  # DiT/SiT: the loss on their own output type, 1 / (d x0 / d output)^2 (DiTSchedule)
+        err = err * module.native_weight(t).float()
     return err.mean(), {}
 
 
