@@ -576,6 +576,55 @@ def fid_ref(data, out, weights=None, root=None, batch_size=64, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# Latents of an image folder, for `train_edm.py --model dit|sit --data DIR` (its docstring describes the format).
+
+
+def center_crop_arr(image, size):
+    """ADM's (and DiT's) preprocessing: halve with a box filter while the short side is at least 2 * size, resize the
+    short side to `size` (bicubic), then cut the central size x size square. PIL RGB image -> uint8 (size, size, 3)."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def encode_latents(image_folder, out_dir, vae, vae_name="", image_size=256, shard_size=10_000, batch_size=64, device="cpu"):  # fmt: skip
+    """Encode an ImageNet-style folder (one sub-folder per class; classes numbered in sorted folder order, images in
+    sorted name order) with `vae` (a models/autoencoder_kl.py AutoencoderKL): center crop as ADM, [-1, 1], the VAE
+    posterior's mean and std (un-normalised, float16) with the labels, `shard_size` images per shard. Each shard is
+    written atomically and skipped when it exists, so a rerun resumes; latents.json (with the VAE's scaling) last."""
+    classes = sorted(d.name for d in os.scandir(image_folder) if d.is_dir())
+    files = [(os.path.join(image_folder, c, f), i) for i, c in enumerate(classes) for f in sorted(os.listdir(os.path.join(image_folder, c)))]  # fmt: skip
+    if not files:
+        raise DownloadError(f"{image_folder} holds no class folders with images")
+    shards = []
+    for start in tqdm(range(0, len(files), shard_size), unit="shard", desc="latents"):
+        name = f"shard_{start // shard_size:05d}.safetensors"
+        shards.append(name)
+        if os.path.exists(os.path.join(out_dir, name)):
+            continue
+        chunk, means, stds = files[start : start + shard_size], [], []
+        for i in range(0, len(chunk), batch_size):
+            images = [center_crop_arr(Image.open(path).convert("RGB"), image_size) for path, _ in chunk[i : i + batch_size]]  # fmt: skip
+            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+            with torch.no_grad():
+                posterior = vae.posterior(x)
+            means.append(posterior.mean.half().cpu())
+            stds.append(posterior.std.half().cpu())
+        tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "labels": torch.tensor([c for _, c in chunk])}  # fmt: skip
+        with atomic_output(os.path.join(out_dir, name)) as tmp:
+            save_file(tensors, str(tmp))
+    meta = {"shards": shards, "scaling_factor": vae.cfg.scaling_factor, "shift_factor": vae.cfg.shift_factor,
+            "num_classes": len(classes), "classes": classes, "vae": vae_name, "image_size": image_size}  # fmt: skip
+    with atomic_output(os.path.join(out_dir, "latents.json")) as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=1))
+    return len(files)
+
+
+# -----------------------------------------------------------------------------
 # Hugging Face Hub.
 
 

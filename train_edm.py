@@ -1,4 +1,4 @@
-"""Train and distill the class-conditional image family (EDM, EDM2): fine-tuning, the consistency family and
+"""Train and distill the class-conditional image family (EDM, EDM2, DiT/SiT): fine-tuning, the consistency family and
 distribution matching.
 
     python train_edm.py                                                    # embedded default: toy teacher -> 1 step
@@ -8,6 +8,8 @@ distribution matching.
     torchrun --nproc_per_node=8 train_edm.py --preset cm-cifar10           # one node
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
         train_edm.py --preset scd-cifar10                                  # several nodes
+    python train_edm.py --model sit --method meanflow --tiny --max_steps 20   # DiT/SiT: the same methods, on latents
+    torchrun --nproc_per_node=8 train_edm.py --preset sft-sit-xl --data datasets/imagenet256-latents --vae sd-vae-ft-mse
 
 Methods (the loss of each is written out below, with its paper's equations):
   sft       denoising score matching, fine-tuning a teacher or training from scratch (EDM Eq. 2)
@@ -19,6 +21,17 @@ Methods (the loss of each is written out below, with its paper's equations):
             2024); critic steps (fake score, heads) between generator steps
   fdistill  DMD2 with per-sample f-divergence weights from the heads' density-ratio estimate (Xu et al. 2025)
   kd        regression onto teacher ODE solutions from `sample.py --save_pairs` (Luhman & Luhman 2021)
+
+DiT and SiT (--model dit|sit, models/dit.py) train with the same losses: they are called as EDM denoisers through an
+exact change of variables (see EDMDiT below), and times on the command line are EDM noise levels sigma (SiT's rf time
+t = sigma / (1 + sigma)). They train on latents: --data toy uses the toy images as 3-channel "latents" (no VAE); real
+runs read a folder of precomputed latents:
+  latents.json   {"shards": ["shard_00000.safetensors", ...], "scaling_factor": 0.18215, "shift_factor": 0.0,
+                  "num_classes": 1000, "vae": "sd-vae-ft-mse", "image_size": 256}   (vae, image_size: informative)
+  shard_*.safetensors  "labels" (N,) int64, and either "latents" (N, C, h, w) float16/32, already normalised
+                 ((z - shift) * scale), or "mean" and "std" (N, C, h, w) of the VAE posterior (FastGen's 8-channel
+                 mean||std form, split in two), from which every batch draws z = mean + std n and normalises it.
+`download.encode_latents` writes this format from an ImageNet-style folder. --vae decodes samples for the grids only.
 
 Outputs in --out_dir: metrics.jsonl, samples/step_NNNNNNN.png, checkpoints ckpt_NNNNNNN/ (student.safetensors,
 ema_*.safetensors, fake_score.safetensors and discriminator.safetensors for dmd2/fdistill, state.pt with optimizer
@@ -44,10 +57,130 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from models import edm, edm2
+from models import dit, edm, edm2
 from sample import image_grid, to_uint8
 
-MODELS = {"edm": (edm, edm.EDMPrecond), "edm2": (edm2, edm2.EDM2Precond)}
+# ----------------------------------------------------------------------------
+# DiT and SiT as EDM denoisers. Every loss below works in EDM's noise levels, x = x0 + sigma eps, with a denoiser
+# D(x; sigma) -> x0. A DiT/SiT runs in its native time and prediction type (models/dit.py), so it is presented here
+# through an exact change of variables: the same point scaled, x_t = alpha(t) x, at the native time t with the same
+# signal-to-noise ratio, sigma(t) / alpha(t) = sigma:
+#   SiT (rf):    t = sigma / (1 + sigma),         x_t = x / (1 + sigma)
+#   DiT (ddpm):  abar(t) = 1 / (1 + sigma^2),     x_t = x / sqrt(1 + sigma^2)     (the abar table inverted)
+# and the native output becomes x0 by dit.to_x0. The losses are then the same functions of x0 predictions; their
+# per-sample weights are EDM-space ones (e.g. sft's ||D - x0||^2 is rf's flow loss times t^2). MeanFlow's end time r
+# maps the same way: the jump x_r = x_t - (t - r) u lands on the same point in both parameterisations when u comes from
+# the same x0-like output D(x; t, r) (both are the DDIM step (r / t) x_t + (1 - r / t) D in their own variables).
+
+
+def native_time(sigma, schedule):
+    """The DiT/SiT time with the signal-to-noise ratio of the EDM noise level sigma, float64, differentiable in sigma
+    (scm and meanflow take JVPs through it)."""
+    if schedule == "rf":
+        return sigma / (1 + sigma)
+    # ddpm: log abar(t) is linear between integer timesteps (dit._log_abar); find the segment holding
+    # -log(1 + sigma^2) and solve on it, extrapolating past the ends as dit._log_abar does.
+    table = dit.alphas_cumprod().log().to(sigma.device)  # decreasing
+    log_abar = -torch.log1p(sigma.square())
+    i = (torch.searchsorted(-table, -log_abar.detach()) - 1).clamp(0, len(table) - 2)
+    return i + (log_abar - table[i]) / (table[i + 1] - table[i])
+
+
+def noise_level(t, schedule):
+    """Inverse of native_time: sigma = sigma(t) / alpha(t)."""
+    return dit.sigma(t, schedule) / dit.alpha(t, schedule)
+
+
+class EDMDiT(dit.DiT):
+    """A DiT/SiT (same modules, same checkpoint keys) called as an EDM denoiser: forward(x, sigma, labels, r) -> x0,
+    with the EDMPrecond signature; `r` is MeanFlow's end noise level (models need `r_timestep`)."""
+
+    def time(self, sigma, x):
+        """The native time (B,) of a noise level given as a scalar or (B,)."""
+        return native_time(torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0]), self.cfg.schedule)  # fmt: skip
+
+    def native(self, x, sigma):
+        """(x_t, t): the native input and time of the EDM point x at noise level sigma."""
+        t = self.time(sigma, x)
+        return (dit.alpha(t, self.cfg.schedule).reshape(-1, 1, 1, 1) * x.double()).to(x.dtype), t
+
+    def forward(self, x, t, class_labels=None, r=None, feature_indices=(), return_logvar=False):
+        x_t, t_native = self.native(x, t)
+        r_native = None if r is None else self.time(r, x)
+        out = super().forward(x_t, t_native, class_labels, r_native, feature_indices, return_logvar=return_logvar)
+        out, *extras = out if isinstance(out, tuple) else (out,)
+        x0 = dit.to_x0(x_t, out, t_native, dit.PRED_TYPES[self.cfg.schedule], self.cfg.schedule)
+        return (x0, *extras) if extras else x0
+
+    def features(self, x, t, class_labels=None, indices=(0,), r=None):
+        """Token maps (B, D, H / p, W / p) after the given blocks, for the GAN heads."""
+        x_t, t_native = self.native(x, t)
+        r_native = None if r is None else self.time(r, x)
+        return super().forward(x_t, t_native, class_labels, r_native, set(indices), features_only=True)
+
+
+class DiTSchedule:
+    """models/dit.py as this script uses edm.py: the schedule functions, samplers and loaders under the same names, in
+    EDM noise levels, for EDMDiT networks. Times span FastGen's native range: rf t in [0.001, 0.999] (sigma 0.001 to
+    999), ddpm timesteps [0, 999] (sigma 0.01 to 158)."""
+
+    NATIVE_RANGE = {"rf": (0.001, 0.999), "ddpm": (0.0, 999.0)}
+
+    def __init__(self, schedule):
+        self.schedule, self.CONFIGS, self.config_to_json = schedule, dit.CONFIGS, dit.config_to_json
+        self.tiny = dit.CONFIGS["tiny-sit" if schedule == "rf" else "tiny"]
+        lo, hi = self.NATIVE_RANGE[schedule]
+        self.T_MIN, self.T_MAX = (noise_level(torch.tensor(v, dtype=torch.float64), schedule).item() for v in (lo, hi))
+
+    def sample_t(self, n, kind="lognormal", p_mean=-1.2, p_std=1.2, t_min=None, t_max=None):
+        """lognormal, polynomial, log_t: drawn in sigma as for EDM (lognormal in sigma is logit-normal in rf time with
+        the same mean and std); logitnormal, uniform, shifted: drawn in the native time by dit.sample_t."""
+        t_min, t_max = t_min or self.T_MIN, t_max or self.T_MAX
+        if kind in ("lognormal", "polynomial", "log_t"):
+            return edm.sample_t(n, kind, p_mean, p_std, t_min, t_max)
+        lo, hi = (native_time(torch.tensor(v, dtype=torch.float64), self.schedule).item() for v in (t_min, t_max))
+        return noise_level(dit.sample_t(n, self.schedule, kind, p_mean, p_std, lo, hi), self.schedule)
+
+    def native_weight(self, sigma):
+        """The weight that turns ||D - x0||^2 into the loss on the native output: eps_hat - eps = -(D - x0) / sigma
+        (ddpm: x_t = alpha x, eps = (x_t - alpha x0) / (alpha sigma)); flow_hat - flow = -(D - x0) / t (rf)."""
+        return 1 / sigma**2 if self.schedule == "ddpm" else 1 / native_time(sigma, "rf") ** 2
+
+    def t_list(self, steps):
+        """dit.t_list in noise levels, ending at exactly 0: rf 1 step [999, 0], ddpm 1 step [157.9, 0]."""
+        times = noise_level(dit.t_list(steps, self.schedule), self.schedule)
+        times[-1] = 0.0
+        return times
+
+    def sample_heun(self, model, noise, class_labels=None, steps=18):
+        return edm.sample_heun(model, noise, class_labels, steps=steps, sigma_min=self.T_MIN, sigma_max=self.T_MAX)
+
+    def sample_student(self, model, noise, class_labels=None, steps=1):
+        return edm.sample_student(model, noise, class_labels, times=self.t_list(steps))
+
+    def from_pretrained(self, name_or_path, **overrides):
+        native = dit.from_pretrained(name_or_path, **overrides)
+        if native.cfg.schedule != self.schedule:
+            model = "sit" if native.cfg.schedule == "rf" else "dit"
+            raise SystemExit(f"error: {name_or_path} is a {native.cfg.schedule} network; train it with --model {model}")  # fmt: skip
+        with torch.device("meta"):
+            model = EDMDiT(native.cfg)
+        model.load_state_dict(native.state_dict(), assign=True)
+        return model.eval()
+
+    def load_checkpoint(self, model, path, adapt=False):
+        return dit.load_checkpoint(model, path, adapt)
+
+
+MODELS = {"edm": (edm, edm.EDMPrecond), "edm2": (edm2, edm2.EDM2Precond), "dit": (DiTSchedule("ddpm"), EDMDiT), "sit": (DiTSchedule("rf"), EDMDiT)}  # fmt: skip
+
+
+def net_shape(cfg):
+    """(channels, side, classes) of a network config of any of the model files."""
+    if isinstance(cfg, dit.Config):
+        return cfg.in_channels, cfg.input_size, cfg.num_classes
+    return cfg.img_channels, cfg.img_resolution, cfg.label_dim
+
 
 # Named presets: FastGen's CIFAR-10 / ImageNet-64 experiment configs (reference/methods.md §7.0-7.8) as flag defaults.
 PRESETS = {
@@ -63,6 +196,13 @@ PRESETS = {
     "fdistill-cifar10": dict(method="fdistill", f_div="kl", teacher="edm-cifar10-32x32-cond-vp", data="cifar10", optimizer="adamw", lr=1e-4, weight_decay=0.01, t_sampler="polynomial", batch_size=2048, max_steps=100_000, dropout=0.0, student_update_freq=5, gan_weight=1e-3, disc_features="0,1,2", grad_clip=10.0, ema="0.9999,0.99995,0.9996"),
     "dmd2-imagenet64": dict(method="dmd2", teacher="edm-imagenet-64x64-cond-adm", data="datasets/img64.zip", optimizer="adamw", lr=2e-6, weight_decay=0.01, t_sampler="polynomial", batch_size=512, max_steps=600_000, dropout=0.0, student_update_freq=5, gan_weight=3e-3, grad_clip=10.0, ema="0.9999,0.99995,0.9996"),
     "fdistill-imagenet64": dict(method="fdistill", f_div="js", ratio_ema=0.5, teacher="edm-imagenet-64x64-cond-adm", data="datasets/img64.zip", optimizer="adamw", lr=2e-6, weight_decay=0.01, t_sampler="polynomial", batch_size=512, max_steps=600_000, dropout=0.0, student_update_freq=5, gan_weight=3e-3, grad_clip=10.0, ema="0.9999,0.99995,0.9996"),
+    # DiT/SiT on ImageNet-256 latents: FastGen's DiT experiment configs (reference/methods.md §7.1, §7.8; FastGen
+    # configs/experiments/DiT). The data path is a placeholder for the folder `download.encode_latents` writes; the
+    # grids' --vae is DiT's sd-vae-ft-mse. MeanFlow trains from scratch, as FastGen's config_mf_b / config_mf_xl.
+    "sft-dit-xl": dict(method="sft", model="dit", teacher="DiT-XL-2-256x256", data="datasets/imagenet256-latents", optimizer="adamw", lr=1e-5, beta2=0.95, t_sampler="logitnormal", p_mean=-0.4, p_std=1.0, native_weighting=True, label_dropout=0.1, batch_size=256, max_steps=400_000, ema="0.9999,0.99995", precision="bf16", student_steps=50, save_every=10_000),
+    "sft-sit-xl": dict(method="sft", model="sit", teacher="SiT-XL-2-256x256", data="datasets/imagenet256-latents", optimizer="adamw", lr=1e-5, beta2=0.95, t_sampler="uniform", native_weighting=True, label_dropout=0.1, batch_size=256, max_steps=400_000, ema="0.9999,0.99995", precision="bf16", student_steps=50, save_every=10_000),
+    "meanflow-sit-b": dict(method="meanflow", model="sit", teacher="", arch="SiT-B/2", data="datasets/imagenet256-latents", optimizer="adam", lr=1e-4, beta2=0.95, p_mean=-0.4, p_std=1.0, r_p_mean=-0.4, r_p_std=1.0, r_ratio=0.25, mf_norm_p=1.0, mf_norm_c=1.0, batch_size=1024, max_steps=1_200_000, ema="0.9999,0.99995,0.9996", precision="bf16", save_every=50_000),
+    "meanflow-sit-xl": dict(method="meanflow", model="sit", teacher="", arch="SiT-XL/2", data="datasets/imagenet256-latents", optimizer="adam", lr=1e-4, beta2=0.95, p_mean=-0.4, p_std=1.0, r_p_mean=-0.4, r_p_std=1.0, r_ratio=0.25, mf_norm_p=1.0, mf_norm_c=1.0, batch_size=1024, max_steps=1_200_000, ema="0.9999,0.99995,0.9996", precision="bf16", save_every=50_000),
     "cm-toy": dict(method="cm", cd=True, teacher="assets/toy_teacher.safetensors", data="toy", optimizer="radam", lr=1e-3, t_sampler="lognormal", p_mean=-1.1, p_std=2.0, ct_q=2.0, ct_kimg_per_stage=4, batch_size=32, max_steps=300, ema="0.95", eval_every=100, eval_n=500, save_every=300, num_threads=2, quality_report=True),
     "fdistill-toy": dict(method="fdistill", teacher="assets/toy_teacher.safetensors", data="toy", optimizer="adamw", lr=2e-4, critic_lr=1e-3, t_sampler="polynomial", batch_size=32, max_steps=100, ema="0.95", eval_every=50, eval_n=500, save_every=100, num_threads=2, quality_report=True),
     # The embedded default: DMD2 from the shipped toy teacher. The critic learns five times faster than the student;
@@ -76,11 +216,12 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--preset", choices=sorted(PRESETS), default="", help="named flag defaults (see below); without --preset and --method: toy")
 parser.add_argument("--method", choices=["sft", "cm", "scm", "tcm", "meanflow", "dmd2", "fdistill", "kd"], default=None, help="default sft")
 # models and data
-parser.add_argument("--model", choices=sorted(MODELS), default="edm", help="model file: edm (SongUNet/ADM) or edm2")
+parser.add_argument("--model", choices=sorted(MODELS), default="edm", help="model file: edm (SongUNet/ADM), edm2, dit (DiT, ddpm) or sit (SiT, rf)")
 parser.add_argument("--teacher", default="", help="CONFIGS name or .safetensors: the pretrained net (student init, and teacher with --cd)")
 parser.add_argument("--arch", default="", help="CONFIGS name whose architecture a from-scratch student uses (when --teacher is empty)")
 parser.add_argument("--stage1", default="", help="tcm: the stage-one CM student (.safetensors written by --method cm)")
-parser.add_argument("--data", default="toy", help="toy | cifar10 (download.py cifar10) | PATH to an EDM-style zip or folder of PNGs (kd reads --pairs)")
+parser.add_argument("--data", default="toy", help="toy | cifar10 (download.py cifar10) | PATH to an EDM-style zip or folder of PNGs, or a folder of latents (see above; kd reads --pairs)")
+parser.add_argument("--vae", default="", help="autoencoder_kl name or path (e.g. sd-vae-ft-mse): decodes latent samples for the sample grids (else they show 3 latent channels)")
 parser.add_argument("--data_root", default=None, help="where 'cifar10' is looked up (default $CKPT_ROOT_DIR or ./checkpoints)")
 parser.add_argument("--uncond", action="store_true", help="ignore class labels (forced when the network has label_dim 0)")
 parser.add_argument("--xflip", action="store_true", help="random horizontal flips of the data")
@@ -103,11 +244,13 @@ parser.add_argument("--grad_clip", type=float, default=1e6, help="max gradient n
 parser.add_argument("--ema", default="0.9999", help="comma list of EMA rates: a constant beta, or power:GAMMA (EDM2's power EMA)")
 parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (JVPs stay fp32)")
 # noise levels and method knobs
-parser.add_argument("--t_sampler", choices=["polynomial", "lognormal", "log_t", "uniform"], default="lognormal")
+parser.add_argument("--t_sampler", choices=["polynomial", "lognormal", "log_t", "uniform", "logitnormal", "shifted"], default="lognormal",
+                    help="noise levels: polynomial, lognormal, log_t in sigma; uniform in sigma for edm/edm2 but in the native time for dit/sit, as logitnormal and shifted (dit/sit only)")
 parser.add_argument("--p_mean", type=float, default=-1.2)
 parser.add_argument("--p_std", type=float, default=1.2)
-parser.add_argument("--t_max", type=float, default=80.0, help="largest training noise level (sCT uses 800)")
+parser.add_argument("--t_max", type=float, default=None, help="largest training noise level (default: the model's, 80 for edm/edm2, 999 for sit, 158 for dit; sCT uses 800)")
 parser.add_argument("--edm_weighting", action="store_true", help="sft: EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2")
+parser.add_argument("--native_weighting", action="store_true", help="sft on dit/sit: weights that make the x0 loss the native one, ||eps_hat - eps||^2 (DiT) or ||flow_hat - flow||^2 (SiT), as FastGen")
 parser.add_argument("--cd", action="store_true", help="cm/scm/tcm/meanflow: distil from the teacher instead of the data alone")
 parser.add_argument("--guidance", type=float, default=1.0, help="teacher classifier-free guidance in --cd targets")
 parser.add_argument("--ct_q", type=float, default=2.0, help="cm/tcm: ECT gap schedule, ratio = 1 - q^-(stage+1)")
@@ -162,6 +305,9 @@ def parse_args(argv=None):
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
     args.preset = preset
+    args.t_max = args.t_max or MODELS[args.model][0].T_MAX
+    if args.native_weighting and args.model not in ("dit", "sit"):
+        parser.error("--native_weighting is for --model dit|sit (edm/edm2 predict x0 natively)")
     if args.tiny:  # the same code path at CPU size
         args.batch_size, args.eval_n = min(args.batch_size, 8), min(args.eval_n, 16)
     return args
@@ -224,9 +370,56 @@ def set_rng(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
+class LatentDataset:
+    """Precomputed latents (the format in the docstring above): labels in memory, latents read row by row from the
+    memory-mapped shards. `batch(index, generator)` -> normalised latents (B, C, h, w) float32; the posterior form is
+    sampled with `generator`, so a batch is a pure function of its seed."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        with open(os.path.join(path, "latents.json")) as f:
+            self.meta = json.load(f)
+        self.shards, labels, shape = [], [], None
+        for name in self.meta["shards"]:
+            f = safe_open(os.path.join(path, name), framework="pt")
+            keys = set(f.keys())
+            if keys not in ({"latents", "labels"}, {"mean", "std", "labels"}):
+                raise ValueError(f"{path}/{name} holds {sorted(keys)}; expected labels with latents, or labels with mean and std")  # fmt: skip
+            self.posterior = "mean" in keys
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            n = shapes.pop("labels")
+            shape = shape or next(iter(shapes.values()))[1:]
+            if len(n) != 1 or len(shape) != 3 or any(v != (n[0], *shape) for v in shapes.values()):
+                raise ValueError(f"{path}/{name}: shapes {shapes}; expected labels (N,) and latents (N, C, h, w) of {shape}, as in the first shard")  # fmt: skip
+            self.shards.append(f)
+            labels.append(f.get_tensor("labels").long())
+        if not self.shards:
+            raise ValueError(f"{path}/latents.json lists no shards")
+        self.labels, self.shape = torch.cat(labels), shape
+        self.starts = torch.tensor([0] + [len(x) for x in labels]).cumsum(0)
+        self.scale, self.shift = self.meta.get("scaling_factor", 1.0), self.meta.get("shift_factor", 0.0)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, index, generator):
+        rows = []
+        for i in index.tolist():
+            s = int(torch.searchsorted(self.starts, i, right=True)) - 1
+            j, f = i - int(self.starts[s]), self.shards[s]
+            rows.append([f.get_slice(k)[j : j + 1].float() for k in (("mean", "std") if self.posterior else ("latents",))])  # fmt: skip
+        if not self.posterior:
+            return torch.cat([r[0] for r in rows])
+        mean, std = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+        z = mean + std * torch.randn(mean.shape, generator=generator)  # a fresh draw of the VAE posterior
+        return (z - self.shift) * self.scale
+
+
 def make_data(args):
     """A function (step, shard, n) -> (x0, labels), a pure function of its arguments so that --resume is exact and
-    the global batch is the same however it is split over processes and accumulation rounds."""
+    the global batch is the same however it is split over processes and accumulation rounds; the data's (channels,
+    side); the number of classes."""
     if args.method == "kd":
         return make_pairs(args)
     if args.data == "toy":
@@ -235,12 +428,21 @@ def make_data(args):
         def batch(step, shard, n):
             return toy.toy_batch(n, generator=torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 0)))
 
-        return batch, 32, 10
+        return batch, (3, 32), 10
     path = args.data
     if args.data == "cifar10":
         path = os.path.join(args.data_root or os.environ.get("CKPT_ROOT_DIR", "checkpoints"), "cifar10", "cifar10-32x32.zip")  # fmt: skip
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found; run `python download.py cifar10`")
+    if os.path.isfile(os.path.join(path, "latents.json")):
+        latents = LatentDataset(path)
+
+        def batch(step, shard, n):
+            g = torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 0))
+            index = torch.randint(len(latents), (n,), generator=g)
+            return latents.batch(index, g), latents.labels[index]
+
+        return batch, (latents.shape[0], latents.shape[-1]), latents.meta.get("num_classes", int(latents.labels.max()) + 1)  # fmt: skip
     dataset = ImageDataset(path)
 
     def batch(step, shard, n):
@@ -250,7 +452,7 @@ def make_data(args):
         return x, None if dataset.labels is None else dataset.labels[index]
 
     num_classes = 0 if dataset.labels is None else int(dataset.labels.max()) + 1
-    return batch, dataset[0].shape[-1], num_classes
+    return batch, (dataset[0].shape[0], dataset[0].shape[-1]), num_classes
 
 
 def make_pairs(args):
@@ -275,7 +477,7 @@ def make_pairs(args):
         index = torch.randint(len(pairs), (n,), generator=torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 0)))  # fmt: skip
         return pairs[index], labels[index] if meta["label_dim"] else None
 
-    return batch, pairs.shape[-1], meta["label_dim"]
+    return batch, (pairs.shape[2], pairs.shape[-1]), meta["label_dim"]
 
 
 # ----------------------------------------------------------------------------
@@ -309,6 +511,8 @@ def sft_loss(net, x0, labels, args, module):
     if args.edm_weighting:  # lambda(sigma) = 1 / c_out^2 makes the effective target unit-variance (EDM Sec. 5)
         sd = 0.5
         err = err * ((t**2 + sd**2) / (t * sd) ** 2).float()
+    if args.native_weighting:  # DiT/SiT: the loss on their own output type, 1 / (d x0 / d output)^2 (DiTSchedule)
+        err = err * module.native_weight(t).float()
     return err.mean(), {}
 
 
@@ -695,26 +899,27 @@ def to_grid(x, cols=8):
 
 @torch.no_grad()
 def evaluate(model, module, cfg, args, sampler, steps, n, device, classifier=None):
-    """Samples from `sampler` ("student" or "teacher"): a grid of the first 64, and the toy FID and class accuracy."""
+    """Samples from `sampler` ("student" or "teacher") and, on toy data, their toy FID and class accuracy."""
     g = torch.Generator().manual_seed(12345)  # the same noise and classes in every evaluation
     images, labels = [], []
     for i in range(0, n, 250):
         b = min(250, n - i)
-        noise = torch.randn(b, cfg.img_channels, cfg.img_resolution, cfg.img_resolution, generator=g).to(device)
-        y = (torch.arange(i, i + b) % cfg.label_dim).to(device) if cfg.label_dim else None  # classes in equal numbers
+        channels, side, classes = net_shape(cfg)
+        noise = torch.randn(b, channels, side, side, generator=g).to(device)
+        y = (torch.arange(i, i + b) % classes).to(device) if classes else None  # classes in equal numbers
         if sampler == "teacher":
             x = module.sample_heun(model, noise, y, steps=steps) if steps > 1 else module.sample_student(model, noise, y, steps=1)  # fmt: skip
         else:
             x = generate(model, module, noise, y, steps, args.method)
-        images.append(x.float().clamp(-1, 1).cpu())
+        images.append(x.float().cpu())  # images in [-1, 1], or latents
         labels.append(y.cpu() if y is not None else torch.zeros(b, dtype=torch.long))
     images, labels = torch.cat(images), torch.cat(labels)
     metrics = {}
     if classifier is not None:
         import toy
 
-        metrics = toy.evaluate(classifier, images, labels)
-        if not cfg.label_dim:  # an unconditional model was asked for no class
+        metrics = toy.evaluate(classifier, images.clamp(-1, 1), labels)
+        if not net_shape(cfg)[2]:  # an unconditional model was asked for no class
             metrics.pop("accuracy")
     return images, metrics
 
@@ -729,7 +934,7 @@ def quality_report(args, student, teacher, module, cfg, device, classifier):
         ("student", student, "student", args.student_steps, args.student_steps),
     ):
         images, m = evaluate(model, module, cfg, args, sampler, steps, args.eval_n, device, classifier)
-        rows.append(images[: 2 * cfg.label_dim or 16])
+        rows.append(images[: 2 * net_shape(cfg)[2] or 16])
         lines.append(f"| {name} | {nfe} | {m['fid']:.2f} | {m.get('accuracy', float('nan')):.3f} |")
     table = (
         "\n".join(lines) + f"\n\n({args.eval_n} samples each, classes in equal numbers, the same noise for all three)\n"
@@ -796,35 +1001,50 @@ def main(args):
         print(json.dumps(vars(args)))
 
     module, Precond = MODELS[args.model]
-    batch_fn, resolution, num_classes = make_data(args)
+    batch_fn, (channels, resolution), num_classes = make_data(args)
+    is_dit = args.model in ("dit", "sit")
 
     # Networks: the student (trainable), its EMAs, and frozen teacher / stage-one models where the method needs them.
-    switches = dict(logvar_head=True) if args.method == "scm" and args.model == "edm" else {}
+    switches = dict(logvar_head=True) if args.method == "scm" and args.model in ("edm", "dit", "sit") else {}
     if args.method == "meanflow":
         switches["r_timestep"] = True
+        if is_dit:  # r enters as the interval t - r (FastGen's DiT MeanFlow configs)
+            switches["time_cond_type"] = "diff"
     if args.dropout is not None:
+        if is_dit:
+            raise SystemExit("error: DiT/SiT have no dropout; drop --dropout")
         switches["dropout"] = args.dropout
     switches["label_dropout"] = args.label_dropout
     if args.teacher and not args.tiny:
         student = module.from_pretrained(args.teacher, **switches)
         cfg = student.cfg
+    elif is_dit:  # from scratch: --arch's size (the schedule is --model's), or the tiny config at the data's shape
+        base = replace(module.CONFIGS[args.arch], schedule=module.schedule) if args.arch else replace(module.tiny, input_size=resolution, patch_size=max(resolution // 8, 1))  # fmt: skip
+        if args.tiny or not args.arch:
+            base = replace(base, in_channels=channels, num_classes=num_classes)
+        # learn_sigma off: no loss here trains DiT's variance channels (FastGen's DiT configs have it off too).
+        cfg = replace(base, learn_sigma=False, url="", file="", **switches)
+        torch.manual_seed(args.seed)
+        student = Precond(cfg)
     else:  # from scratch: the architecture of --arch, or the tiny config at the data's resolution
         base = module.CONFIGS[args.arch] if args.arch else replace(module.CONFIGS["tiny"], img_resolution=resolution, attn_resolutions=(resolution // 2,))  # fmt: skip
         if args.tiny or not args.arch:
-            base = replace(base, label_dim=num_classes, augment_dim=0) if args.model == "edm" else replace(base, label_dim=num_classes)  # fmt: skip
+            base = replace(base, img_channels=channels, label_dim=num_classes, augment_dim=0) if args.model == "edm" else replace(base, img_channels=channels, label_dim=num_classes)  # fmt: skip
         cfg = replace(base, **switches)
         torch.manual_seed(args.seed)
         student = Precond(cfg)
-    use_labels = cfg.label_dim > 0 and not args.uncond and num_classes > 0
+    use_labels = net_shape(cfg)[2] > 0 and not args.uncond and num_classes > 0
     distribution_matching = args.method in ("dmd2", "fdistill")
     if args.method == "fdistill" and args.gan_weight <= 0:
         raise SystemExit("error: --method fdistill reads the density ratio off the GAN heads; give --gan_weight > 0")
     if args.method == "kd" and args.xflip:
         raise SystemExit("error: --xflip would flip the teacher's outputs but not its inputs; drop it for --method kd")
+    # What a frozen copy switches off: method heads, dropout, label dropout (DiT/SiT have no dropout).
+    frozen = dict(logvar_head=False, r_timestep=False, label_dropout=0.0) | ({} if is_dit else dict(dropout=0.0))
     teacher = None
     if args.cd or distribution_matching:
         if args.tiny or not args.teacher:
-            teacher = Precond(replace(cfg, logvar_head=False, r_timestep=False, dropout=0.0, label_dropout=0.0))
+            teacher = Precond(replace(cfg, **frozen))
             # No pretrained teacher: a frozen copy of the initial student stands in (smoke tests and benchmarks).
             ref = teacher.state_dict()
             teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in ref and v.shape == ref[k].shape}, strict=False)  # fmt: skip
@@ -847,17 +1067,19 @@ def main(args):
     fake = disc = None
     critic_params = []
     if distribution_matching:
-        fake = Precond(replace(teacher.cfg, dropout=cfg.dropout, label_dropout=0.0))
+        fake = Precond(replace(teacher.cfg, label_dropout=0.0, **({} if is_dit else dict(dropout=cfg.dropout))))
         fake.load_state_dict(teacher.state_dict())
         fake = fake.to(device).train()
         if args.model == "edm2":
             edm2.forced_weight_normalization(fake)
         critic_params = list(fake.parameters())
         if args.gan_weight > 0:
-            lowest = len(teacher.cfg.channel_mult) - 1  # the taps are the last encoder block of each level
+            # Default taps: EDM/EDM2's last encoder block of the lowest level; DiT/SiT's middle block (a guess, after
+            # FastGen's Flux heads on the middle block).
+            lowest = teacher.cfg.depth // 2 if is_dit else len(teacher.cfg.channel_mult) - 1
             indices = [int(i) for i in args.disc_features.split(",")] if args.disc_features else [lowest]
             with torch.no_grad():
-                probe = torch.zeros(1, cfg.img_channels, resolution, resolution, device=device)
+                probe = torch.zeros(1, channels, resolution, resolution, device=device)
                 maps = teacher.features(probe, torch.ones(1, device=device), None, indices)
             torch.manual_seed(rng_seed(args.seed, 3))
             disc = Discriminator(indices, [(m.shape[1], m.shape[-1]) for m in maps]).to(device).train()
@@ -911,10 +1133,25 @@ def main(args):
 
         wandb.init(project=args.wandb, config=vars(args))
 
+    vae = None
+
+    def viewable(x):
+        """Samples as images for a grid: decoded by --vae (loaded at the first grid), else the first 3 channels."""
+        nonlocal vae
+        if not args.vae:
+            return x[:, :3]
+        if vae is None:
+            from models import autoencoder_kl
+
+            vae = autoencoder_kl.from_pretrained(args.vae, device=device)
+        return torch.cat([vae.decode(chunk.to(device)).cpu() for chunk in x.split(16)])
+
     def eval_and_log(step):
         ema = next(iter(emas.values()), student)
         images, metrics = evaluate(ema, module, cfg, args, "student", args.student_steps, args.eval_n, device, classifier)  # fmt: skip
-        Image.fromarray(to_grid(images[:64])).save(os.path.join(args.out_dir, "samples", f"step_{step:07d}.png"))
+        Image.fromarray(to_grid(viewable(images[:64]))).save(
+            os.path.join(args.out_dir, "samples", f"step_{step:07d}.png")
+        )
         record = {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
         log.write(json.dumps(record) + "\n")
         log.flush()

@@ -19,7 +19,9 @@ Two schedules, selected by `Config.schedule` and passed by name to the schedule 
     so the model feeds its backbone 1 - t and negates the output, as FastGen does; SiT's unused extra C channels are
     dropped, as in the official forward.
 
-Left out: FastGen's method heads (logvar head, second time input r), and SiT's SDE samplers and other interpolants.
+FastGen's two method heads are switches, off for the released checkpoints: `r_timestep` (a second time input r for
+MeanFlow, `r_embedder`, embedding r itself or the interval t - r) and `logvar_head` (a loss log-variance per time for
+sCM, `logvar_linear` on the time embedding). Left out: SiT's SDE samplers and other interpolants.
 
     model = from_pretrained("DiT-XL-2-256x256")              # after `python download.py DiT-XL-2-256x256`
     noise = torch.randn(8, 4, 32, 32)
@@ -53,6 +55,9 @@ class Config:
     null_class: bool = True  # an extra embedding row for the null class (guidance); the releases have it
     learn_sigma: bool = True  # 2C output channels; the releases have them
     label_dropout: float = 0.0  # probability of the null class in training (DiT and SiT were trained with 0.1)
+    r_timestep: bool = False  # a second time input r (MeanFlow): `r_embedder`, added to the conditioning vector
+    time_cond_type: str = "abs"  # what r_embedder sees: "abs" r, or "diff" t - r (FastGen's DiT MeanFlow configs)
+    logvar_head: bool = False  # `logvar_linear`: a per-time loss log-variance from the time embedding (sCM)
     url: str = ""  # official checkpoint
     file: str = ""  # where `download.py` writes it, relative to the checkpoint root
 
@@ -387,6 +392,10 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.null_class)
+        if cfg.time_cond_type not in ("abs", "diff"):
+            raise ValueError(f"unknown time_cond_type {cfg.time_cond_type!r}; expected 'abs' or 'diff'")
+        self.r_embedder = TimestepEmbedder(cfg.hidden_size) if cfg.r_timestep else None
+        self.logvar_linear = nn.Linear(cfg.hidden_size, 1) if cfg.logvar_head else None
         self.blocks = nn.ModuleList(DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, self.out_channels)
         self.initialize_weights()
@@ -403,6 +412,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.r_embedder is not None:  # as FastGen
+            nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.r_embedder.mlp[2].weight, std=0.02)
         for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [
             self.final_layer.adaLN_modulation[-1],
             self.final_layer.linear,
@@ -432,15 +444,25 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x, t, class_labels=None, feature_indices=(), features_only=False):
+    def forward(self, x, t, class_labels=None, r=None, feature_indices=(), features_only=False, return_logvar=False):
         """x: (B, C, H, W) noisy latents, t: (B,) or scalar time (DDPM timestep for ddpm, flow time for rf),
-        class_labels: (B,) indices or (B, num_classes) one-hot, None = null class.
+        class_labels: (B,) indices or (B, num_classes) one-hot, None = null class; r: (B,) or scalar second time in
+        the same convention (MeanFlow's end time, r <= t), only with `r_timestep`; None adds no r embedding.
 
         Returns the raw prediction: (B, 2C, H, W) eps and variance for ddpm, (B, C, H, W) flow for rf. With
         `feature_indices` (block indices) also the list of those blocks' tokens as (B, D, H / p, W / p); with
-        `features_only` only that list, without running the blocks after the last index.
+        `features_only` only that list, without running the blocks after the last index. With `return_logvar` also
+        the loss log-variance (B, 1), last.
         """
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
+        r_in = None
+        if r is not None:
+            if self.r_embedder is None:
+                raise ValueError("r was given but this model has no r input; build it with Config(r_timestep=True)")
+            r = torch.as_tensor(r, dtype=torch.float64, device=x.device).expand(x.shape[0])
+            # In the caller's time convention, before SiT's flip: "diff" embeds the interval t - r >= 0 (FastGen's
+            # MeanFlow DiT runs rf time without the flip, so this is its t - r).
+            r_in = t - r if self.cfg.time_cond_type == "diff" else r
         if self.cfg.schedule == "rf":  # SiT was trained on time 1 - t (its t = 0 is noise)
             t = 1 - t
         labels = self.labels(class_labels, x)
@@ -449,7 +471,10 @@ class DiT(nn.Module):
             labels = torch.where(drop, self.cfg.num_classes, labels)
 
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, N, D), N = H W / p^2
-        c = self.t_embedder(t) + self.y_embedder(labels)  # (B, D)
+        t_emb = self.t_embedder(t)  # (B, D)
+        c = t_emb + self.y_embedder(labels)
+        if r_in is not None:
+            c = c + self.r_embedder(r_in)
         features, last = [], max(feature_indices, default=-1)
         for i, block in enumerate(self.blocks):
             if features_only and i > last:
@@ -462,7 +487,12 @@ class DiT(nn.Module):
         out = self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)
         if self.cfg.schedule == "rf":  # SiT's velocity is x0 - eps; flow is eps - x0. Its extra channels are unused.
             out = -out[:, : self.cfg.in_channels]
-        return (out, features) if len(feature_indices) else out
+        extras = [features] if len(feature_indices) else []
+        if return_logvar:
+            if self.logvar_linear is None:
+                raise ValueError("return_logvar needs the logvar head; build the model with Config(logvar_head=True)")
+            extras.append(self.logvar_linear(t_emb))
+        return (out, *extras) if extras else out
 
 
 # ----------------------------------------------------------------------------
@@ -643,12 +673,34 @@ def check_keys(model, state):
         )
 
 
-def load_checkpoint(model, path):
+def _add_method_heads(model, state):
+    """Fill the method heads a checkpoint lacks (a released network fine-tuned with `r_timestep` or `logvar_head`):
+    the r embedder with its first layer as initialised and its last layer at zero, so that it adds nothing until
+    trained and the released network's output is unchanged; the logvar head at zero. Returns the names added."""
+    added = []
+    if model.r_embedder is not None and not any(k.startswith("r_embedder.") for k in state):
+        hidden, freq = model.r_embedder.mlp[0].weight.shape
+        state["r_embedder.mlp.0.weight"] = torch.randn(hidden, freq) * 0.02
+        state["r_embedder.mlp.0.bias"] = torch.zeros(hidden)
+        state["r_embedder.mlp.2.weight"] = torch.zeros(hidden, hidden)
+        state["r_embedder.mlp.2.bias"] = torch.zeros(hidden)
+        added.append("r input (zero-initialised)")
+    if model.logvar_linear is not None and not any(k.startswith("logvar_linear.") for k in state):
+        state["logvar_linear.weight"] = torch.zeros(1, model.cfg.hidden_size)
+        state["logvar_linear.bias"] = torch.zeros(1)
+        added.append("logvar head (zero-initialised)")
+    return added
+
+
+def load_checkpoint(model, path, adapt=False):
     """Load a .pt or .safetensors checkpoint into `model` with strict key and shape checks (assign=True keeps
-    meta-built models cheap)."""
+    meta-built models cheap). `adapt=True` lets a checkpoint without the method heads fill a model that has them;
+    returns the names of the heads added."""
     state = read_state_dict(path)
+    added = _add_method_heads(model, state) if adapt else []
     check_keys(model, state)
     model.load_state_dict(state, strict=True, assign=True)
+    return added
 
 
 def from_pretrained(name_or_path, config=None, root=None, device="cpu", dtype=torch.float32, **overrides):
@@ -658,7 +710,7 @@ def from_pretrained(name_or_path, config=None, root=None, device="cpu", dtype=to
     ./checkpoints, where `python download.py NAME` puts it), or a path to a .pt or .safetensors file. A file's
     architecture comes from `config` (a CONFIGS name or a Config), else from its file name when that is a CONFIGS name
     (`DiT-XL-2-256x256.pt`), else from safetensors metadata (`config` JSON or CONFIGS `name`). `overrides` change
-    Config fields, e.g. `label_dropout=0.1`.
+    Config fields, e.g. `label_dropout=0.1`, or `r_timestep=True` (heads the file lacks start at zero).
     """
     if name_or_path in CONFIGS and CONFIGS[name_or_path].file:
         cfg = CONFIGS[name_or_path]
@@ -675,7 +727,9 @@ def from_pretrained(name_or_path, config=None, root=None, device="cpu", dtype=to
         cfg = _config_of_file(path, config)
     with torch.device("meta"):
         model = DiT(replace(cfg, **overrides))
-    load_checkpoint(model, path)
+    added = load_checkpoint(model, path, adapt=True)
+    if added:
+        print(f"{os.path.basename(path)}: added {', '.join(added)}")
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -261,6 +261,93 @@ def test_jvp_matches_finite_differences():
 
 
 # ----------------------------------------------------------------------------
+# FastGen's method heads: the second time input r (MeanFlow) and the logvar head (sCM)
+
+
+def perturbed(model, seed=0, scale=0.05):
+    """The model with every parameter moved off its (partly zero) initialisation, so each path shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sit"])
+def test_r_input_embeds_r_or_the_interval(name):
+    """r_embedder sees r ("abs") or t - r ("diff"), in the caller's time convention (before SiT's 1 - t), and its
+    output joins the conditioning vector: with its last layer at zero the model is the one without r."""
+    torch.manual_seed(0)
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 7])
+    t = torch.tensor([600.0, 300.0]) if name == "tiny" else torch.tensor([0.6, 0.3])
+    r = t * torch.tensor([0.5, 0.1])
+    seen = []
+    for kind in ("abs", "diff"):
+        model = perturbed(dit.DiT(replace(dit.CONFIGS[name], r_timestep=True, time_cond_type=kind))).eval()
+        hook = model.r_embedder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+        with torch.no_grad():
+            with_r = model(x, t, labels, r=r)
+        hook.remove()
+        assert torch.allclose(seen[-1], (t - r if kind == "diff" else r).double())
+        with torch.no_grad():
+            assert not torch.allclose(with_r, model(x, t, labels, r=r * 0.5))
+            model.r_embedder.mlp[2].weight.zero_()
+            model.r_embedder.mlp[2].bias.zero_()
+            plain = dit.DiT(dit.CONFIGS[name]).eval()
+            plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("r_embedder.")})
+            assert torch.allclose(model(x, t, labels, r=r), plain(x, t, labels), atol=1e-6)
+    with pytest.raises(ValueError, match="r_timestep=True"):
+        plain(x, t, labels, r=r)
+    with pytest.raises(ValueError, match="time_cond_type"):
+        dit.DiT(replace(dit.CONFIGS[name], r_timestep=True, time_cond_type="relative"))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sit"])
+def test_jvp_through_the_r_input_matches_finite_differences(name):
+    """MeanFlow's tangent: the JVP along (dx, dt = 1, dr = 0) through a model with the r input (and logvar head)."""
+    torch.manual_seed(0)
+    cfg = replace(dit.CONFIGS[name], r_timestep=True, time_cond_type="diff", logvar_head=True)
+    model = perturbed(dit.DiT(cfg)).double().eval()
+    x, labels = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([1, 7])
+    scale = 999.0 if name == "tiny" else 1.0
+    t, r = torch.tensor([0.6, 0.3], dtype=torch.float64) * scale, torch.tensor([0.2, 0.0], dtype=torch.float64) * scale
+    dx = torch.randn_like(x)
+
+    def f(x, t, r):
+        return model(x, t, labels, r=r)
+
+    _, tangent = torch.func.jvp(f, (x, t, r), (dx, torch.ones_like(t), torch.zeros_like(r)))
+    h = 1e-5
+    fd = (f(x + h * dx, t + h, r) - f(x - h * dx, t - h, r)) / (2 * h)
+    assert torch.allclose(tangent, fd, rtol=1e-5, atol=1e-6 * fd.abs().max().item())
+    out, logvar = model(x, t, labels, r=r, return_logvar=True)
+    assert logvar.shape == (2, 1) and torch.equal(out, f(x, t, r))
+    out, features, logvar = model(x, t, labels, r=r, feature_indices={1}, return_logvar=True)
+    assert features[0].shape == (2, 32, 4, 4)
+    with pytest.raises(ValueError, match="logvar_head=True"):
+        dit.DiT(dit.CONFIGS[name])(x.float(), t, labels, return_logvar=True)
+
+
+def test_from_pretrained_adds_zero_method_heads(tmp_path, capsys):
+    """A released network loaded with r_timestep and logvar_head: the heads it lacks start at zero, so its output
+    is the released one whatever r is; a file with the heads loads them as they are."""
+    weights, t = load_fixture("dit_tiny")
+    torch.save(weights, tmp_path / "tiny.pt")
+    model = dit.from_pretrained(str(tmp_path / "tiny.pt"), config="tiny", r_timestep=True, time_cond_type="diff", logvar_head=True)  # fmt: skip
+    assert "added r input (zero-initialised), logvar head (zero-initialised)" in capsys.readouterr().out
+    x, steps, labels = t["input.x"], t["input.t"].double(), t["input.labels"]
+    with torch.no_grad():
+        out, logvar = model(x, steps, labels, r=steps / 2, return_logvar=True)
+    assert relative_error(out, t["output.forward"]) < 1e-5 and torch.equal(logvar, torch.zeros(len(x), 1))
+    assert model.r_embedder.mlp[0].weight.std() > 0.01  # the first layer is live, so the r path trains
+
+    trained = perturbed(model)
+    save_file(trained.state_dict(), str(tmp_path / "trained.safetensors"), metadata={"config": dit.config_to_json(trained.cfg)})  # fmt: skip
+    again = dit.from_pretrained(str(tmp_path / "trained.safetensors"))
+    assert again.cfg.r_timestep and all(torch.equal(again.state_dict()[k], v) for k, v in trained.state_dict().items())
+
+
+# ----------------------------------------------------------------------------
 # Samplers
 
 
