@@ -18,6 +18,7 @@ state dict with exactly the keys `state_dict()` of the real network would give (
     python download.py convert network-snapshot.pkl out.safetensors   # convert a local pickle, no network
     python download.py DiT-XL-2-256x256                         # -> imagenet-256/DiT-XL-2-256x256.pt, keys checked
     python download.py sd-vae-ft-mse                            # a Hub repo, into the Hugging Face cache
+    python download.py imagenet-latents /data/imagenet/train    # -> imagenet-256-latents/, DiT's VAE latents
     HF_TOKEN=hf_... python download.py flux-dev                 # gated: accept the licence on the model page first
 
 Downloads resume (HTTP Range) into `<source file name>.part` next to the destination, are checked against
@@ -770,6 +771,7 @@ def main(argv=None):
         usage="%(prog)s NAME [--root DIR] [--url URL] [--sha256 HEX] [--force]\n"
         "       %(prog)s convert PICKLE OUT.safetensors [--as NAME]\n"
         "       %(prog)s fid-ref DATASET [--data PATH] [--out REF.npz] [--inception WEIGHTS] [--batch N] [--device DEV]\n"
+        "       %(prog)s imagenet-latents IMAGE_FOLDER [--out DIR] [--vae NAME] [--image_size PX] [--batch N] [--device DEV]\n"
         "       %(prog)s --list",
         description="Download checkpoints and data for nanofastgen; convert EDM/EDM2 pickles to safetensors without "
         "running their code; compute FID reference statistics.",
@@ -813,14 +815,16 @@ def main(argv=None):
     parser.add_argument(
         "--list", action="store_true", help="list every known name with its size, source and destination"
     )
-    fid = parser.add_argument_group("fid-ref")
+    fid = parser.add_argument_group("fid-ref and imagenet-latents")
     fid.add_argument("--data", metavar="PATH", help="where a named dataset is read (default: its place under --root)")
     fid.add_argument(
         "--out", metavar="REF.npz", help="statistics file (default: fid-refs/<dataset>.npz under --root, where "
-        "`sample.py --fid_ref NAME` looks)",
+        "`sample.py --fid_ref NAME` looks); for imagenet-latents the folder (default: imagenet-256-latents under --root)",
     )  # fmt: skip
     fid.add_argument("--inception", metavar="WEIGHTS", help=f"Inception .safetensors (default: {inception.FILE} under --root)")  # fmt: skip
-    fid.add_argument("--batch", type=int, default=64, help="images per Inception call")
+    fid.add_argument("--batch", type=int, default=64, help="images per Inception (or, for imagenet-latents, VAE) call")
+    fid.add_argument("--image_size", type=int, default=256, help="imagenet-latents: side of the center crop (256: DiT's ImageNet-256)")  # fmt: skip
+    fid.add_argument("--vae", default="sd-vae-ft-mse", help="imagenet-latents: the autoencoder (models/autoencoder_kl.py name, Hub repo or folder)")  # fmt: skip
     fid.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -833,9 +837,15 @@ def main(argv=None):
         parser.error("convert takes two paths: PICKLE OUT.safetensors")
     if args.name == "fid-ref" and len(args.paths) != 1:
         parser.error(f"fid-ref takes one dataset: a name ({', '.join(inception.REFS)}) or a zip or folder of PNGs")
-    if args.name not in ("convert", "fid-ref") and args.name not in CHECKPOINTS and args.name not in HUB:
+    if args.name == "imagenet-latents" and len(args.paths) != 1:
+        parser.error("imagenet-latents takes one ImageNet-style folder (a sub-folder of images per class)")
+    if (
+        args.name not in ("convert", "fid-ref", "imagenet-latents")
+        and args.name not in CHECKPOINTS
+        and args.name not in HUB
+    ):
         parser.error(f"unknown name {args.name!r}; see --list")
-    if args.name not in ("convert", "fid-ref") and args.paths:
+    if args.name not in ("convert", "fid-ref", "imagenet-latents") and args.paths:
         parser.error(f"unexpected arguments after {args.name}: {' '.join(args.paths)}")
     try:
         if args.name == "convert":
@@ -853,6 +863,13 @@ def main(argv=None):
                 out = args.out or os.path.join(args.root, "fid-refs", Path(dataset).stem + ".npz")
             count = fid_ref(data, out, args.inception, root=args.root, batch_size=args.batch, device=args.device)
             print(f"wrote {out} (Inception feature statistics of {count} images in {data})")
+        elif args.name == "imagenet-latents":
+            from models import autoencoder_kl
+
+            out = args.out or os.path.join(args.root, "imagenet-256-latents")
+            vae = autoencoder_kl.from_pretrained(args.vae, device=args.device)
+            encode_latents(args.paths[0], out, vae, args.vae, image_size=args.image_size, batch_size=args.batch, device=args.device)  # fmt: skip
+            print(f"wrote {out} (train with `train_edm.py --model dit|sit --data {out}`)")
         elif args.name in HUB:
             if args.url or args.sha256 or args.force:
                 parser.error(f"{args.name} comes from the Hugging Face Hub, which checks and resumes its own files; "

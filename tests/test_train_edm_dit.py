@@ -190,6 +190,13 @@ def test_encode_latents_writes_the_format_and_resumes(latent_folder):
     assert torch.equal(load_file(str(root / "data" / "shard_00001.safetensors"))["mean"], shards[1]["mean"])
 
 
+def test_imagenet_latents_command_writes_the_same_shards(latent_folder, tmp_path):
+    root, _ = latent_folder
+    download.main(["imagenet-latents", str(root / "images"), "--out", str(tmp_path / "data"), "--vae", str(root / "vae"), "--image_size", "32", "--batch", "4"])  # fmt: skip
+    written = load_file(str(tmp_path / "data" / "shard_00000.safetensors"))
+    assert torch.equal(written["mean"], torch.cat([load_file(str(root / "data" / n))["mean"] for n in ("shard_00000.safetensors", "shard_00001.safetensors")]))  # fmt: skip
+
+
 def test_latent_dataset_reads_both_forms_and_refuses_bad_shapes(latent_folder, tmp_path):
     root, vae = latent_folder
     data = train_edm.LatentDataset(str(root / "data"))
