@@ -59,7 +59,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from models import cosmos_predict2, dit, inception
+from models import cosmos_predict2, dit, inception, wan
 
 # -----------------------------------------------------------------------------
 # What can be fetched. Sizes are approximate: the pickles' from parameter counts (EDM fp32, EDM2 fp16).
@@ -159,7 +159,8 @@ HUB = {
     # Cosmos: the seed fetches whole repos (several checkpoints); here only the post-trained EMA weights the preset loads.
     "cosmos-predict2.5-2b":  HubEntry("nvidia/Cosmos-Predict2.5-2B", (cosmos_predict2.CONFIGS["cosmos-predict2.5-2b"].file,), "~4.1 GB", local_dir="cosmos_predict2/Cosmos-Predict2.5-2B", gated=True),
     "cosmos-predict2.5-14b": HubEntry("nvidia/Cosmos-Predict2.5-14B", (cosmos_predict2.CONFIGS["cosmos-predict2.5-14b"].file,), "~29 GB", local_dir="cosmos_predict2/Cosmos-Predict2.5-14B", gated=True),
-    "self-forcing-ode-init": HubEntry("gdhe17/Self-Forcing", ("checkpoints/ode_init.pt",), "?", local_dir="Self-Forcing"),
+    "self-forcing-ode-init": HubEntry("gdhe17/Self-Forcing", (wan.CONFIGS["self-forcing-ode-init"].file,), "?", local_dir="Self-Forcing"),
+    "self-forcing-dmd":      HubEntry("gdhe17/Self-Forcing", (wan.CONFIGS["self-forcing-dmd"].file,), "?", local_dir="Self-Forcing"),
     "wan2.1-vace-14b":      HubEntry("Wan-AI/Wan2.1-VACE-14B-diffusers", pipeline(*WAN), "?"),
 }
 # fmt: on

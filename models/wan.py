@@ -1013,10 +1013,14 @@ def _is_repo_id(name):
     return bool(org and repo) and "/" not in repo and not name.startswith(".") and not name.endswith(".safetensors")
 
 
-def from_pretrained(name_or_path, config=None, subfolder="transformer", entry=None, device="cpu", dtype=torch.float32):
+def from_pretrained(
+    name_or_path, config=None, subfolder="transformer", entry=None, root=None, device="cpu", dtype=torch.float32
+):
     """Build a Wan transformer on the meta device and load its weights strictly.
 
-    `name_or_path`: a CONFIGS name (its Hub repo; Self-Forcing's .pt for the self-forcing-* names), a Hub repo id, a
+    `name_or_path`: a CONFIGS name (its Hub repo; for the self-forcing-* names Self-Forcing's .pt, looked up first under
+    `root` (default $CKPT_ROOT_DIR or ./checkpoints) in the seed's Self-Forcing/ folder, then in the Hugging Face
+    cache), a Hub repo id, a
     local diffusers folder (the pipeline root or its `transformer/`), or one file: .safetensors (diffusers or official
     keys), a sharded .index.json, or an official-layout .pt (Self-Forcing; `entry` picks its state dict). The
     architecture comes from `config` (a CONFIGS name or a Config), else the preset, else config.json next to the weights.
@@ -1029,7 +1033,9 @@ def from_pretrained(name_or_path, config=None, subfolder="transformer", entry=No
             raise ValueError(f"{name_or_path} has no released weights; build it with WanModel(CONFIGS[...])")
         config = config or preset
         if preset.file:
-            return _load(_hub_file(preset.repo, preset.file), config, entry, device, dtype)
+            local = os.path.join(root or os.environ.get("CKPT_ROOT_DIR", "checkpoints"), "Self-Forcing", preset.file)
+            path = local if os.path.exists(local) else _hub_file(preset.repo, preset.file)
+            return _load(path, config, entry, device, dtype)
         folder = _hub_folder(preset.repo, preset.subfolder)
     elif os.path.isfile(name_or_path):
         folder = os.path.dirname(name_or_path)

@@ -353,6 +353,20 @@ def test_from_pretrained_reads_self_forcing_pt(tmp_path):
     with pytest.raises(ValueError, match="generator_ema"):
         wan.from_pretrained(path, config="tiny", entry="generator_ema")
 
+    # A preset name finds the file in the seed's place, <root>/Self-Forcing/checkpoints/ode_init.pt, without the Hub.
+    from dataclasses import replace
+
+    preset = wan.CONFIGS["self-forcing-ode-init"]
+    tiny = replace(wan.CONFIGS["tiny"], repo=preset.repo, file=preset.file)
+    os.makedirs(tmp_path / "root" / "Self-Forcing" / "checkpoints")
+    os.replace(path, tmp_path / "root" / "Self-Forcing" / preset.file)
+    import unittest.mock
+
+    with unittest.mock.patch.dict(wan.CONFIGS, {"self-forcing-ode-init": tiny}):
+        model = wan.from_pretrained("self-forcing-ode-init", root=str(tmp_path / "root"))
+    with torch.no_grad():
+        assert relative_error(model(t["input.x"], t["input.t"], t["input.text"]), t["output.flow"]) < 1e-5
+
 
 def test_strict_loading_names_missing_and_unexpected_keys(tmp_path):
     weights, _, config_json = load_fixture("t2v")
