@@ -130,6 +130,7 @@ text.add_argument("--negative_prompt", default="", help="the unconditional promp
 text.add_argument("--pipeline", default=None, help="Hub repo or local folder of the text encoders and autoencoder (default: the teacher's repo)")  # fmt: skip
 text.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
 text.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
+text.add_argument("--image", default=None, help="wan (an I2V checkpoint): the first frame to animate; cosmos: the frame Video2World continues")  # fmt: skip
 text.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4k (default: the model's native length)")
 text.add_argument(
     "--causal", action="store_true", help="wan: a causal student, generated chunk by chunk with a KV cache"
@@ -404,7 +405,8 @@ def load_text_model(args, spec, device, dtype):
     module = spec.module
     if args.tiny:
         torch.manual_seed(args.seed)
-        model = spec.model_class(module.CONFIGS[TINY_TEXT[args.model]]).eval()
+        tiny = "tiny-i2v" if args.model == "wan" and args.image else TINY_TEXT[args.model]
+        model = spec.model_class(module.CONFIGS[tiny]).eval()
         vae_cfg = spec.vae.CONFIGS["tiny"]
         if args.model == "flux":  # Flux's autoencoder has 16 latent channels
             vae_cfg = replace(vae_cfg, latent_channels=flux.LATENT_CHANNELS)
@@ -433,9 +435,26 @@ def vae_factors(vae):
     return (1 if isinstance(vae, autoencoder_kl.AutoencoderKL) else 4), 2 ** (levels - 1)
 
 
-def generate_text(args, spec, model, noise, cond, uncond, steps, generator, pixels):
+def image_condition(args, model, vae, image, frames, device):
+    """--image as the network's extra inputs: Wan I2V's CLIP image tokens and mask + first-frame latents (the VAE
+    latents of the clip [image, zeros, ...]), or Cosmos' given first latent frame."""
+    from encoders import ImageEncoder
+
+    if args.model == "cosmos":
+        return {"cond_latents": vae.encode(image[:, :, None], sample=False)}
+    if not model.cfg.image_dim:
+        sys.exit("error: --image needs a Wan I2V checkpoint (wan2.1-i2v-14b-480p or -720p)")
+    clip = torch.cat([image[:, :, None], torch.zeros_like(image)[:, :, None].expand(-1, -1, frames - 1, -1, -1)], 2)
+    if args.tiny:
+        encoder = ImageEncoder(tiny=model.cfg.image_dim, device=device)
+    else:
+        encoder = ImageEncoder(args.pipeline or getattr(wan.CONFIGS.get(args.ckpt), "repo", None), device=device)
+    return {"image_latents": wan.i2v_latents(vae.encode(clip, sample=False)), "image_tokens": encoder(image)}
+
+
+def generate_text(args, spec, model, noise, cond, uncond, steps, generator, pixels, extra):
     """One batch of latents from --model's teacher sampler or its few-step student sampler; `pixels`: (height, width)
-    of the images, SDXL's micro-conditioning."""
+    of the images, SDXL's micro-conditioning; `extra`: image conditioning (Wan I2V, Cosmos Video2World)."""
     m, g, student = args.model, args.guidance, args.sampler == "student"
     if m == "flux":
         if student:
@@ -453,17 +472,17 @@ def generate_text(args, spec, model, noise, cond, uncond, steps, generator, pixe
     if m == "wan":
         if args.causal:
             return wan.causal_sample(model, noise, cond["text"], times=wan.t_list(steps), chunk_size=args.chunk_size,
-                                     neg_text=uncond["text"], guidance=g, generator=generator)  # fmt: skip
+                                     neg_text=uncond["text"], guidance=g, generator=generator, **extra)  # fmt: skip
         if student:
-            return wan.sample_student(model, noise, cond["text"], times=wan.t_list(steps), neg_text=uncond["text"], guidance=g, generator=generator)  # fmt: skip
-        return wan.sample_euler(model, noise, cond["text"], uncond["text"], steps=steps, guidance=g)
+            return wan.sample_student(model, noise, cond["text"], times=wan.t_list(steps), neg_text=uncond["text"], guidance=g, generator=generator, **extra)  # fmt: skip
+        return wan.sample_euler(model, noise, cond["text"], uncond["text"], steps=steps, guidance=g, **extra)
     if m == "cogvideox":
         if student:
             return cogvideox.sample_student(model, noise, cond["text"], steps=steps, negative_text=uncond["text"], guidance=g, generator=generator)  # fmt: skip
         return cogvideox.sample_ddim(model, noise, cond["text"], uncond["text"], steps=steps, guidance=g)
     if student:
         return cosmos_predict2.sample_student(model, noise, cond["text"], steps=steps, neg_text_embeds=uncond["text"], guidance=g, generator=generator)  # fmt: skip
-    return cosmos_predict2.sample_euler(model, noise, cond["text"], uncond["text"], steps=steps, guidance=g)
+    return cosmos_predict2.sample_euler(model, noise, cond["text"], uncond["text"], steps=steps, guidance=g, **extra)
 
 
 def write_video(frames, path_stem, fps=16):
@@ -486,6 +505,8 @@ def main_text(args):
         sys.exit(f"error: --model {args.model} samples with teacher (its {spec.teacher}) or student")
     if args.fid or args.save_pairs or args.npz:
         sys.exit("error: --fid, --save_pairs and --npz are for the class-conditional models")
+    if args.image and (args.model not in ("wan", "cosmos") or (args.model == "cosmos" and args.sampler == "student")):
+        sys.exit("error: --image conditions Wan I2V models and the Cosmos teacher (Video2World)")
     if args.causal and (args.model != "wan" or args.sampler == "teacher"):
         sys.exit("error: --causal samples a causal Wan student: --model wan --sampler student")
     args.sampler = "student" if args.causal else args.sampler or "teacher"
@@ -515,12 +536,19 @@ def main_text(args):
         sys.exit(f"error: --height and --width must be multiples of {2 * s_factor} for this model")
     if frames and (frames - 1) % 4:
         sys.exit("error: --frames must be 1 + 4k (1, 5, 9, ..., 81)")
-    channels = flux.LATENT_CHANNELS if args.model == "flux" else model.cfg.in_channels
-    if args.model == "cosmos":
-        channels = model.cfg.out_channels
+    channels = flux.LATENT_CHANNELS if args.model == "flux" else model.cfg.out_channels  # I2V inputs carry more
     shape = (channels, height // s_factor, width // s_factor)
     if frames:
         shape = (channels, 1 + (frames - 1) // t_factor) + shape[1:]
+
+    extra = {}
+    if args.image:
+        if not frames:
+            sys.exit("error: --image needs a video model")
+        picture = Image.open(args.image).convert("RGB").resize((width, height), Image.BICUBIC)
+        image = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+        with torch.no_grad():
+            extra = image_condition(args, model, vae, image.to(device, next(vae.parameters()).dtype), frames, device)
 
     os.makedirs(args.out_dir, exist_ok=True)
     start, first_chunk, images = time.time(), None, []
@@ -532,7 +560,8 @@ def main_text(args):
             gens = [torch.Generator().manual_seed(args.seed + k * per_prompt + j) for j in range(per_prompt)]
             noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
             generator = torch.Generator(device).manual_seed(args.seed + k)
-            latents = generate_text(args, spec, model, noise, cond, uncond, steps, generator, (height, width))
+            batch_extra = {k: v.to(device, dtype).expand(per_prompt, *v.shape[1:]) for k, v in extra.items()}
+            latents = generate_text(args, spec, model, noise, cond, uncond, steps, generator, (height, width), batch_extra)  # fmt: skip
             if first_chunk is None:
                 first_chunk = time.time() - start
             decoded = vae.decode(latents.to(next(vae.parameters()).dtype))  # [-1, 1]

@@ -258,3 +258,19 @@ def test_text_models_need_prompts_and_refuse_class_options(tmp_path):
     assert missing.returncode != 0 and "--prompt TEXT" in missing.stderr
     causal = run("sample.py", "--model", "flux", "--tiny", "--causal", "--prompt", "x")
     assert causal.returncode != 0 and "--causal samples a causal Wan student" in causal.stderr
+
+
+def test_image_conditioning_reaches_wan_i2v_and_cosmos(tmp_path):
+    """--image: Wan I2V (CLIP tokens and first-frame latents) and Cosmos Video2World; a different image, a different video."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    videos = {}
+    for model, name in (("wan", "a"), ("wan", "b"), ("cosmos", "a")):
+        out = tmp_path / f"{model}_{name}"
+        result = run("sample.py", "--model", model, "--tiny", "--image", str(tmp_path / f"{name}.png"), "--prompt", "a fox", "--steps", "2", "--out_dir", str(out))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        videos[model, name] = np.asarray(Image.open(out / "samples.png"))
+    assert not np.array_equal(videos["wan", "a"], videos["wan", "b"])
+    refused = run("sample.py", "--model", "flux", "--tiny", "--image", str(tmp_path / "a.png"), "--prompt", "x")
+    assert refused.returncode != 0 and "--image conditions Wan I2V models" in refused.stderr
