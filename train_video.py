@@ -61,25 +61,26 @@ from models import cogvideox, cogvideox_vae, cosmos_predict2, wan, wan_vae
 from sample import image_grid, to_uint8
 
 # model -> (model file, network class, tiny config, text encoder family, default text encoder repo, VAE file, VAE
-# preset, the attribute that holds the transformer blocks)
+# preset, the attributes that hold the transformer blocks)
+# fmt: off
 MODELS = {
-    "wan": (wan, wan.WanModel, "tiny", "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", wan_vae, "wan2.1", "blocks"),
-    "cogvideox": (
-        cogvideox,
-        cogvideox.CogVideoXTransformer,
-        "tiny-2b",
-        "cogvideox",
-        "THUDM/CogVideoX-2b",
-        cogvideox_vae,
-        "cogvideox-2b",
-        "transformer_blocks",
-    ),  # fmt: skip
-    "cosmos": (cosmos_predict2, cosmos_predict2.CosmosPredict2, "tiny", "cosmos", None, wan_vae, "wan2.1", "blocks"),
+    "wan": (wan, wan.WanModel, "tiny", "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", wan_vae, "wan2.1", ("blocks", "vace_blocks")),
+    "cogvideox": (cogvideox, cogvideox.CogVideoXTransformer, "tiny-2b", "cogvideox", "THUDM/CogVideoX-2b", cogvideox_vae, "cogvideox-2b", ("transformer_blocks",)),
+    "cosmos": (cosmos_predict2, cosmos_predict2.CosmosPredict2, "tiny", "cosmos", None, wan_vae, "wan2.1", ("blocks",)),
 }
+# fmt: on
+# Block submodules that a model calls outside its blocks' forward: Wan computes every layer's text keys and values
+# ahead of the blocks (what its KV cache keeps), so under FSDP2 these are sharded as units of their own.
+OUTSIDE_BLOCKS = (
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.norm_k",
+    "attn2.add_k_proj",
+    "attn2.add_v_proj",
+    "attn2.norm_added_k",
+)  # fmt: skip
 TINY_PROMPTS = ["a red fox runs through snow", "waves break on a rocky shore", "a city street at night, rain", "a cat sleeps on a sofa"]  # fmt: skip
-WAN_T_LIST = ",".join(
-    str(t) for t in wan.SELF_FORCING_T_LIST
-)  # FastGen's 4-step Wan list [0.999, 0.937, 0.833, 0.624, 0]
+WAN_T_LIST = ",".join(str(t) for t in wan.SELF_FORCING_T_LIST)  # FastGen's 4-step list [0.999, 0.937, 0.833, 0.624, 0]
 
 # Named presets: FastGen's Wan T2V 1.3B experiment configs (reference/methods.md §7.1, §7.3, §7.9) as flag defaults.
 _WAN = dict(model="wan", teacher="wan2.1-t2v-1.3b", precision="bf16", latent_shape="16,21,60,104", guidance=5.0)
@@ -573,10 +574,14 @@ def load_pairs(args, prompt_text):
 # Networks at scale: meta-device build, activation checkpointing, FSDP2 sharding per block, weights loaded once.
 
 
-def checkpoint_blocks(model, attr):
+def transformer_blocks(model, attrs):
+    return [block for attr in attrs for block in getattr(model, attr, [])]
+
+
+def checkpoint_blocks(model, attrs):
     """Recompute each transformer block in the backward pass (non-reentrant torch.utils.checkpoint); module names,
     and so checkpoint keys, stay as they are."""
-    for block in getattr(model, attr):
+    for block in transformer_blocks(model, attrs):
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
@@ -599,11 +604,17 @@ def place(make, state, args, device, attr, trainable):
             checkpoint_blocks(model, attr)
         bf16 = args.precision == "bf16"
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        for block in getattr(model, attr, []):
+        for block in transformer_blocks(model, attr):
+            for name, sub in block.named_modules():
+                if name in OUTSIDE_BLOCKS:
+                    fully_shard(sub, mp_policy=mp)
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         model.to_empty(device=device)
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # a shallow copy: the broadcast replaces the dict's entries by the shards, and the teacher's state is reused
+        set_model_state_dict(
+            model, dict(state), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )
         return model.train(trainable).requires_grad_(trainable)
     if args.grad_checkpointing and trainable:
         checkpoint_blocks(model, attr)
@@ -777,7 +788,7 @@ def main(args):
     fake = place(make, teacher_state, args, device, blocks, trainable=True) if args.method == "dmd2" else None
     disc = None
     if args.method == "dmd2" and args.gan_weight > 0:
-        depth = len(getattr(teacher, blocks))
+        depth = len(getattr(teacher, blocks[0]))
         indices = [int(i) for i in args.disc_blocks.split(",")] if args.disc_blocks else [depth // 2]
         if max(indices) >= depth:
             raise SystemExit(f"error: --disc_blocks {args.disc_blocks}: the teacher has {depth} blocks")
