@@ -282,7 +282,7 @@ def build_net(cfg, state, args, device, distributed, trainable):
     if not args.fsdp:
         with torch.device("meta"):
             net = wan.WanModel(cfg)
-        net.load_state_dict(state, assign=True, strict=True)
+        net.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True, strict=True)  # own copies
         return net.to(device).train(trainable).requires_grad_(trainable)
     from torch.distributed._composable import checkpoint
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -301,7 +301,9 @@ def build_net(cfg, state, args, device, distributed, trainable):
     register_fsdp_forward_method(net, "forward_chunk")
     net.to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
-    set_model_state_dict(net, state if not distributed or dist.get_rank() == 0 else {}, options=options)
+    set_model_state_dict(
+        net, dict(state) if not distributed or dist.get_rank() == 0 else {}, options=options
+    )  # (it rewrites the dict)
     return net.train(trainable).requires_grad_(trainable)
 
 
