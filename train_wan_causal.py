@@ -1,0 +1,772 @@
+"""Train and distill causal (chunk-by-chunk, KV-cached) Wan 2.1 video students: diffusion forcing, ODE
+initialisation, CausVid and Self-Forcing.
+
+    python train_wan_causal.py --method self_forcing --tiny --max_steps 10             # any method, seconds on a CPU
+    python train_wan_causal.py --method kd --tiny --num_pairs 8 --max_steps 10
+    python download.py wan2.1-t2v-1.3b && python download.py self-forcing-ode-init
+    torchrun --nproc_per_node=8 train_wan_causal.py --preset self-forcing-wan1.3b --prompts prompts.txt   # one node
+    torchrun --nproc_per_node=8 train_wan_causal.py --preset causvid-wan1.3b --prompts prompts.txt --data latents/
+    torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
+        train_wan_causal.py --preset self-forcing-wan1.3b --prompts prompts.txt                 # several nodes
+
+Methods (the loss of each is written out below, with its paper's equations):
+  sft           diffusion forcing: one full-clip block-causal pass, each chunk noised to its own t, flow target
+                (Chen et al. 2024; FastGen's CausalSFT)
+  kd            causal ODE initialisation: the bidirectional teacher's Euler/CFG trajectories are written once to
+                --pairs (resumable), then the causal student regresses the teacher's output from the trajectory state
+                at a per-chunk t (CausVid Sec. 4.2, Self-Forcing's ode_init.pt)
+  causvid       DMD with a diffusion-forcing student: per-chunk noised data in, VSD gradient from the CFG'd
+                bidirectional teacher and a fake score (Yin et al. 2025, Sec. 4.1); critic steps between
+  self_forcing  DMD on the student's own autoregressive rollout with the KV cache: gradient only at one random exit
+                step per chunk, the cache written detached after each chunk, optional context noise (Huang et al. 2025,
+                Sec. 3.2-3.3); critic steps between
+
+Teacher: the bidirectional Wan (models/wan.py, no chunk_size); student: the same network run block-causally
+(chunk_size) and through forward_chunk with a KVCache, initialised from the teacher or --student_init (e.g.
+self-forcing-ode-init). Text: UMT5 embeddings through encoders.py, computed once per prompt and cached on disk.
+
+Data formats:
+  --prompts FILE   one prompt per line (self_forcing and kd need nothing else)
+  --data DIR       latent videos for sft and causvid: *.safetensors files, each with a tensor "latents" (N, 16, F, H, W),
+                   the normalised Wan VAE latents (models/wan_vae.py encode(): (z - latents_mean) / latents_std), and
+                   metadata "prompts", a JSON list of the N prompts. kd's --pairs directory is in the same format (the
+                   teacher's outputs as "latents", plus "path" (N, K, 16, F, H, W), the trajectory at the t list), so
+                   it also serves as --data.
+
+Not here: the GAN heads of FastGen's Wan CausVid / Self-Forcing configs (weight 1e-3 / 3e-3 on teacher features; see
+train_edm.py for the head and loss), rolling KV caches for clips longer than the cache, I2V / VACE conditioning.
+
+Outputs in --out_dir: metrics.jsonl, samples/step_NNNNNNN.png (decoded frames, one row per prompt), checkpoints
+ckpt_NNNNNNN/ (student.safetensors, fake_score.safetensors, ema_*.safetensors, state.pt with optimizer state, args.json).
+--resume continues from the newest checkpoint exactly.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import distribute_tensor
+from tqdm import tqdm
+
+import encoders
+from models import wan, wan_vae
+from sample import image_grid, to_uint8
+
+# Wan's default negative prompt (Wan2.1 shared_config.sample_neg_prompt): the unconditional branch of CFG.
+WAN_NEGATIVE_PROMPT = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"  # fmt: skip
+TINY_PROMPTS = ["a red fox in snow", "waves on a beach at dusk", "a city street in the rain", "a cat on a sofa",
+                "fireworks over a harbour", "a horse running in a field", "clouds over mountains", "a bowl of fruit"]  # fmt: skip
+SF_T_LIST = ",".join(str(t) for t in wan.SELF_FORCING_T_LIST)
+
+# Named presets: FastGen's WanT2V causal experiment configs (reference/methods.md §7.2, 7.4, 7.12, 7.13) as flag
+# defaults. Wan 2.1 1.3B at 480p: 81 frames -> 21 latent frames of 60 x 104, chunks of 3 latent frames (7 chunks).
+_WAN13 = dict(teacher="wan2.1-t2v-1.3b", frames=21, height=60, width=104, chunk_size=3, precision="bf16", fsdp=True, guidance=5.0, t_min=0.001, t_max=0.999)  # fmt: skip
+PRESETS = {
+    "sft-causal-wan1.3b": _WAN13 | dict(method="sft", lr=5e-5, t_sampler="uniform", micro_batch=1, max_steps=5000),
+    # FastGen's Wan KD config (config_kd_path: lr 7e-5, batch 2, 10k steps, 4-step t list); the teacher trajectories
+    # are 50 Euler steps with CFG 5 (Self-Forcing's ODE init used the teacher's own solver).
+    "kd-causal-wan1.3b": _WAN13
+    | dict(method="kd", lr=7e-5, micro_batch=2, max_steps=10_000, teacher_steps=50, num_pairs=10_000),  # fmt: skip
+    "causvid-wan1.3b": _WAN13
+    | dict(
+        method="causvid",
+        student_init="self-forcing-ode-init",
+        lr=5e-5,
+        critic_lr=5e-5,
+        t_sampler="shifted",
+        micro_batch=2,
+        student_update_freq=5,
+        context_noise=0.0,
+        max_steps=5000,
+    ),  # fmt: skip
+    "self-forcing-wan1.3b": _WAN13
+    | dict(
+        method="self_forcing",
+        student_init="self-forcing-ode-init",
+        lr=5e-6,
+        critic_lr=5e-6,
+        t_sampler="shifted",
+        micro_batch=1,
+        student_update_freq=5,
+        context_noise=0.0,
+        max_steps=5000,
+    ),  # fmt: skip
+}
+
+# fmt: off
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="presets (flag defaults; explicit flags win):\n" + "\n".join(f"  {k:22s} {' '.join(f'--{a}={v}' for a, v in p.items())}" for k, p in PRESETS.items()))
+parser.add_argument("--preset", choices=sorted(PRESETS), default="", help="named flag defaults (see below)")
+parser.add_argument("--method", choices=["sft", "kd", "causvid", "self_forcing"], default=None, help="required unless a preset names it")
+# models and data
+parser.add_argument("--teacher", default="wan2.1-t2v-1.3b", help="wan.CONFIGS name, Hub repo or local file/folder: the bidirectional teacher (and fake score)")
+parser.add_argument("--student_init", default="", help="the causal student's start: empty = the teacher's weights, else a CONFIGS name (self-forcing-ode-init) or file")
+parser.add_argument("--text_encoder", default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", help="Hub repo or local pipeline folder with text_encoder/ and tokenizer/ (UMT5)")
+parser.add_argument("--vae", default="wan2.1", help="wan_vae.CONFIGS name or path, for the sample grids")
+parser.add_argument("--prompts", default="", help="text file, one prompt per line (the tiny run has built-in prompts)")
+parser.add_argument("--neg_prompt", default=WAN_NEGATIVE_PROMPT, help="negative prompt of the teacher's CFG (and of --cond_dropout)")
+parser.add_argument("--data", default="", help="sft/causvid: directory of latent videos (format in the docstring)")
+parser.add_argument("--pairs", default="", help="kd: directory of teacher ODE pairs, written here if incomplete (default OUT_DIR/pairs)")
+parser.add_argument("--num_pairs", type=int, default=64, help="kd: teacher trajectories to write (pair k: prompt k mod #prompts, noise from seed + k)")
+parser.add_argument("--teacher_steps", type=int, default=50, help="kd: Euler steps of the teacher trajectories (the t list's times are added to the grid)")
+parser.add_argument("--embed_cache", default="", help="directory of cached prompt embeddings (default OUT_DIR/text_cache)")
+parser.add_argument("--frames", type=int, default=21, help="latent frames per clip (21 = 81 video frames)")
+parser.add_argument("--height", type=int, default=60, help="latent height (480 px / 8)")
+parser.add_argument("--width", type=int, default=104, help="latent width (832 px / 8)")
+parser.add_argument("--chunk_size", type=int, default=3, help="latent frames per causal chunk (the first absorbs the remainder)")
+parser.add_argument("--tiny", action="store_true", help="tiny random Wan, UMT5 and VAE, 7 latent frames of 4 x 4 in chunks of 2: the code path in seconds")
+# optimisation
+parser.add_argument("--batch_size", type=int, default=0, help="global batch; 0 = one micro-batch per process; accumulation makes up the rest")
+parser.add_argument("--micro_batch", type=int, default=1, help="clips per process per forward")
+parser.add_argument("--max_steps", type=int, default=1000)
+parser.add_argument("--lr", type=float, default=5e-6)
+parser.add_argument("--critic_lr", type=float, default=0.0, help="causvid/self_forcing: lr of the fake score (0 = --lr)")
+parser.add_argument("--beta1", type=float, default=0.9)
+parser.add_argument("--beta2", type=float, default=0.999)
+parser.add_argument("--adam_eps", type=float, default=1e-8)
+parser.add_argument("--weight_decay", type=float, default=0.01, help="AdamW (FastGen's default optimizer)")
+parser.add_argument("--warmup_steps", type=int, default=0, help="linear lr warm-up")
+parser.add_argument("--grad_clip", type=float, default=10.0, help="max student gradient norm (the fake score is not clipped)")
+parser.add_argument("--ema", default="", help="comma list of student EMA rates (empty = none, FastGen's causal configs)")
+parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, and bf16 compute with fp32 shards under --fsdp")
+parser.add_argument("--fsdp", action="store_true", help="FSDP2: shard every block (and the root), activation checkpointing per block, meta-device init")
+# noise levels and method knobs
+parser.add_argument("--t_sampler", choices=["shifted", "uniform", "logitnormal"], default="shifted", help="training t: sft's per-chunk t, the critic/teacher t of causvid and self_forcing")
+parser.add_argument("--shift", type=float, default=5.0, help="time shift of the shifted sampler")
+parser.add_argument("--t_min", type=float, default=0.001)
+parser.add_argument("--t_max", type=float, default=0.999)
+parser.add_argument("--t_list", default=SF_T_LIST, help="the student's few-step times, last 0 (FastGen's Wan 4-step list)")
+parser.add_argument("--guidance", type=float, default=5.0, help="teacher CFG scale (kd trajectories, DMD's real score)")
+parser.add_argument("--cond_dropout", type=float, default=0.0, help="sft/kd: share of clips trained on the negative prompt")
+parser.add_argument("--student_update_freq", type=int, default=5, help="causvid/self_forcing: a generator step every N steps, fake-score steps between")
+parser.add_argument("--context_noise", type=float, default=0.0, help="self_forcing (and sampling): t at which finished chunks are written to the cache")
+parser.add_argument("--exit_per_chunk", action="store_true", help="self_forcing: draw an exit step per chunk (default: one shared by all chunks)")
+parser.add_argument("--last_step_only", action="store_true", help="self_forcing: always exit at the last step (no stochastic truncation)")
+parser.add_argument("--start_gradient_frame", type=int, default=0, help="self_forcing: chunks starting before this frame get no gradient")
+# sampling, checkpoints, logging
+parser.add_argument("--sample_every", type=int, default=500, help="sample grid every N steps (0 = never)")
+parser.add_argument("--sample_n", type=int, default=4, help="prompts in the sample grid")
+parser.add_argument("--save_every", type=int, default=500)
+parser.add_argument("--out_dir", default="out/train_wan_causal")
+parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out_dir")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+parser.add_argument("--wandb", default="", help="also log to this wandb project (if wandb is installed)")
+# fmt: on
+
+
+def parse_args(argv=None):
+    """Flags over the preset over argparse defaults; --tiny shrinks the clip and the networks."""
+    known = parser.parse_known_args(argv)[0]
+    if known.preset:
+        parser.set_defaults(**PRESETS[known.preset])
+    args = parser.parse_args(argv)
+    if args.method is None:
+        parser.error("give --method or a --preset")
+    if args.tiny:  # the same code path at CPU size: 3 chunks (2 + remainder, 2, 2) of 4 x 4 latents
+        for name, value in dict(frames=7, height=4, width=4, chunk_size=2, teacher_steps=8).items():
+            if parser.get_default(name) == getattr(args, name):
+                setattr(args, name, value)
+    args.t_list_values = [float(t) for t in args.t_list.split(",")]
+    if args.t_list_values[-1] != 0 or any(a <= b for a, b in zip(args.t_list_values, args.t_list_values[1:])):
+        parser.error(f"--t_list must decrease to a final 0, got {args.t_list}")
+    return args
+
+
+# ----------------------------------------------------------------------------
+# Data: prompts (their UMT5 embeddings cached once on disk), latent videos (B, 16, F, H, W) for sft/causvid, teacher
+# ODE pairs for kd. Every batch is a pure function of (seed, step, shard), so --resume is exact and the global batch
+# is the same however it is split over processes and accumulation rounds.
+
+
+def rng_seed(*parts):
+    """A seed that is a fixed function of integers (Python's hash() of strings changes from run to run)."""
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + p) % 2**63
+    return seed
+
+
+class LatentVideos:
+    """A --data directory: rows of "latents" in *.safetensors files with their prompts in the metadata."""
+
+    def __init__(self, path, keys=("latents",)):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
+        self.rows, self.prompts, self.keys = [], [], keys
+        for name in files:
+            with safe_open(os.path.join(path, name), "pt") as f:
+                meta = f.metadata() or {}
+                if "latents" not in f.keys() or "prompts" not in meta:
+                    raise ValueError(f"{path}/{name}: expected a 'latents' tensor and 'prompts' metadata (see --help)")
+                n = f.get_slice("latents").get_shape()[0]
+            prompts = json.loads(meta["prompts"])
+            if len(prompts) != n:
+                raise ValueError(f"{path}/{name}: {n} latent videos but {len(prompts)} prompts")
+            self.rows += [(os.path.join(path, name), i) for i in range(n)]
+            self.prompts += prompts
+        if not self.rows:
+            raise SystemExit(f"error: {path or '--data'} holds no latent videos (*.safetensors with 'latents' and 'prompts'; see --help)")  # fmt: skip
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        path, row = self.rows[i]
+        with safe_open(path, "pt") as f:
+            return {k: f.get_slice(k)[row : row + 1] for k in self.keys}
+
+
+def toy_latents(index, args, generator):
+    """The tiny run's latent videos: a drifting sinusoid per prompt, a clip the tiny student can learn."""
+    C, F_, H, W = 4, args.frames, args.height, args.width
+    f, h, w = torch.meshgrid(torch.arange(F_), torch.arange(H), torch.arange(W), indexing="ij")
+    phase = torch.rand(1, generator=generator) * 6.28
+    waves = [torch.sin(0.7 * (index + 1) * (h + w) / 4 + 0.5 * f * (c + 1) / F_ + phase + c) for c in range(C)]
+    return torch.stack(waves)[None].float() + 0.1 * torch.randn(1, C, F_, H, W, generator=generator)
+
+
+def read_prompts(args):
+    if args.prompts:
+        with open(args.prompts) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise SystemExit(f"error: {args.prompts} holds no prompts")
+        return prompts
+    if args.tiny:
+        return list(TINY_PROMPTS)
+    raise SystemExit("error: give --prompts FILE (one prompt per line)")
+
+
+# ----------------------------------------------------------------------------
+# Networks and FSDP2. The teacher, the fake score and the student are the same WanModel; the student is run causally.
+
+
+def wan_config(args):
+    if args.tiny:
+        return wan.CONFIGS["tiny"]
+    if args.teacher in wan.CONFIGS:
+        return wan.CONFIGS[args.teacher]
+    return None  # from the checkpoint's config.json
+
+
+def load_state(name, args, cfg, seed):
+    """Full state dict of a Wan checkpoint (CONFIGS name, repo or file), or of a random tiny network (seeded)."""
+    if args.tiny and not name:
+        torch.manual_seed(seed)
+        return wan.WanModel(cfg).state_dict()
+    model = wan.from_pretrained(name, config=cfg if args.tiny or name.endswith((".pt", ".pth")) else None)
+    return model.state_dict()
+
+
+def build_net(cfg, state, args, device, distributed, trainable):
+    """A WanModel on `device` holding `state` (a full state dict; only rank 0's is read under FSDP).
+
+    FSDP2: built on the meta device; each block's cross-attention is its own unit (its keys and values are computed
+    outside the block, once per prompt, by WanModel._contexts), then each block (with activation checkpointing),
+    then the root; forward_chunk is registered as a second forward; the full weights are broadcast from rank 0."""
+    if not args.fsdp:
+        with torch.device("meta"):
+            net = wan.WanModel(cfg)
+        net.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True, strict=True)  # own copies
+        return net.to(device).train(trainable).requires_grad_(trainable)
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    with torch.device("meta"):
+        net = wan.WanModel(cfg)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.precision == "bf16" else None, reduce_dtype=torch.float32)  # fmt: skip
+    for block in list(net.blocks) + list(getattr(net, "vace_blocks", [])):
+        fully_shard(block.attn2, mp_policy=mp)
+        register_fsdp_forward_method(block.attn2, "context_kv")
+        register_fsdp_forward_method(block.attn2, "cross")
+        if trainable:
+            checkpoint(block)  # recompute the block in backward (non-reentrant; keeps the parameter names)
+        fully_shard(block, mp_policy=mp)
+    fully_shard(net, mp_policy=mp)
+    register_fsdp_forward_method(net, "forward_chunk")
+    net.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    set_model_state_dict(
+        net, dict(state) if not distributed or dist.get_rank() == 0 else {}, options=options
+    )  # (it rewrites the dict)
+    return net.train(trainable).requires_grad_(trainable)
+
+
+def full_state_dict(net, distributed):
+    """The full, unsharded state dict on the CPU (a collective under FSDP; rank 0 gets it, the others {})."""
+    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=distributed, cpu_offload=True))
+
+
+def full_tensor(x):
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+# ----------------------------------------------------------------------------
+# Losses. Time math in float64 through wan.add_noise / wan.to_x0; t is Wan's flow time (1 = noise). `net` is the
+# trainable network, `text` / `neg` the prompt / negative-prompt embeddings (B, L, D).
+
+
+def sample_t(n, args, device):
+    return wan.sample_t(n, args.t_sampler, args.shift, t_min=args.t_min, t_max=args.t_max).to(device)
+
+
+def sft_loss(net, x0, text, args):
+    """Diffusion forcing (FastGen's CausalSFT): each chunk's frames share a time drawn from the t sampler, and one
+    block-causal pass regresses the flow eps - x0 of every frame, unweighted: E ||v(x_t, t) - (eps - x0)||^2."""
+    t = wan.sample_t_chunks(len(x0), x0.shape[2], args.chunk_size, kind=args.t_sampler, shift=args.shift, t_min=args.t_min, t_max=args.t_max).to(x0.device)  # fmt: skip
+    eps = torch.randn_like(x0)
+    x_t = wan.add_noise(x0, eps, t)
+    flow = net(x_t, t, text, chunk_size=args.chunk_size)
+    return (flow.float() - (eps.float() - x0.float())).square().mean(), {"t_mean": t.mean().item()}
+
+
+def kd_loss(net, path, x0_teacher, text, args):
+    """Causal ODE regression (FastGen's CausalKD; CausVid Sec. 4.2): each chunk draws an index k of the t list, the
+    final 0 included (a clean chunk: pure context), and takes its frames from the teacher trajectory's state at t_k
+    (path[:, K] = the teacher's output); one block-causal pass predicts x0: 0.5 E ||x0(x_in, t) - x0_teacher||^2."""
+    times = torch.tensor(args.t_list_values, dtype=torch.float64, device=x0_teacher.device)
+    B, K = path.shape[:2]
+    ids = wan.sample_t_chunks(B, x0_teacher.shape[2], args.chunk_size, grid=torch.arange(K + 1.0)).long().to(path.device)  # fmt: skip
+    path_all = torch.cat([path, x0_teacher[:, None]], dim=1)  # (B, K + 1, C, F, H, W)
+    index = ids[:, None, None, :, None, None].expand(B, 1, *path.shape[2:])
+    x_in = torch.gather(path_all, 1, index).squeeze(1)
+    t = times[ids]
+    x0 = wan.to_x0(x_in, net(x_in, t, text, chunk_size=args.chunk_size), t)
+    return 0.5 * (x0.float() - x0_teacher.float()).square().mean(), {}
+
+
+def diffusion_forcing_sample(net, x0, text, args):
+    """CausVid's generator output: the data noised per chunk to a t-list time (the final 0 included), denoised to
+    x0 in one block-causal pass; every noised frame gets gradient (FastGen's CausVid)."""
+    t = wan.sample_t_chunks(len(x0), x0.shape[2], args.chunk_size, grid=args.t_list_values).to(x0.device)
+    x_in = wan.add_noise(x0, torch.randn_like(x0), t)
+    return wan.to_x0(x_in, net(x_in, t, text, chunk_size=args.chunk_size), t)
+
+
+def exit_steps(num_chunks, args, step):
+    """Self-Forcing's stochastic truncation: the denoising step at which each chunk stops and keeps its gradient,
+    uniform over the K steps; one draw shared by all chunks unless --exit_per_chunk. Seeded by the step alone, so
+    every rank and accumulation round takes the same path (FastGen draws on rank 0 and broadcasts)."""
+    K = len(args.t_list_values) - 1
+    if args.last_step_only:
+        return [K - 1] * num_chunks
+    g = torch.Generator().manual_seed(rng_seed(args.seed, step, 3))
+    draws = torch.randint(K, (num_chunks if args.exit_per_chunk else 1,), generator=g).tolist()
+    return draws if args.exit_per_chunk else draws * num_chunks
+
+
+def rollout(net, noise, text, times, chunk_size, exits, context_noise=0.0, grad=True, start_gradient_frame=0, generator=None):  # fmt: skip
+    """Self-Forcing's training rollout (Self-Forcing Alg. 1, FastGen's rollout_with_gradient): chunk by chunk, from
+    noise at times[0], the few-step sampler runs without gradient up to the chunk's exit step; the exit step's x0
+    prediction is the chunk's output and the only call that carries gradient; the finished chunk is then written to
+    the KV cache by one more pass at t = context_noise (re-noised if > 0), detached, so no gradient crosses chunks.
+    With every exit at the last step and grad=False this is wan.causal_sample (same draws from `generator`)."""
+    B, _, F, H, W = noise.shape
+    times = torch.as_tensor(times, dtype=torch.float64)
+    dtype = torch.bfloat16 if torch.is_autocast_enabled(noise.device.type) else noise.dtype
+    cache = wan.KVCache(net, B, F, H, W, device=noise.device, dtype=dtype)
+
+    def at(t):
+        return torch.full((B,), float(t), dtype=torch.float64, device=noise.device)
+
+    def randn(like):
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+    chunks, start = [], 0
+    for c, n in enumerate(wan.chunk_frames(F, chunk_size)):
+        x = wan.add_noise(torch.zeros_like(noise[:, :, start : start + n]), noise[:, :, start : start + n], times[0])
+        with torch.no_grad():  # the steps before the exit: no graph
+            for k in range(exits[c]):
+                x0 = wan.to_x0(x, net.forward_chunk(x, at(times[k]), text, cache, start_frame=start), times[k])
+                x = wan.add_noise(x0, randn(x), times[k + 1])
+        e = exits[c]
+        with torch.set_grad_enabled(grad and start >= start_gradient_frame):  # the exit step
+            x0 = wan.to_x0(x, net.forward_chunk(x, at(times[e]), text, cache, start_frame=start), times[e])
+        with torch.no_grad():  # commit the finished chunk as context (Self-Forcing Sec. 3.2)
+            context = x0.detach()
+            if context_noise > 0:
+                context = wan.add_noise(context, randn(context), context_noise)
+            net.forward_chunk(context, at(context_noise), text, cache, commit=True, start_frame=start)
+        chunks.append(x0)
+        start += n
+    return torch.cat(chunks, dim=2)
+
+
+def vsd_loss(g, x_teacher, x_fake):
+    """The distribution-matching gradient (DMD Eq. 7) as a regression onto a fixed target: grad = w (x_fake - x_real)
+    with the per-sample normaliser w = 1 / mean|g - x_real| (DMD Eq. 8); 0.5 ||g - sg(g - grad)||^2 then has gradient
+    grad / numel with respect to g. Weights in float32."""
+    with torch.no_grad():
+        dims = tuple(range(1, g.ndim))
+        w = 1 / ((g.float() - x_teacher.float()).abs().mean(dim=dims, keepdim=True) + 1e-6)
+        target = g.float() - w * (x_fake.float() - x_teacher.float())
+    return 0.5 * (g.float() - target).square().mean()
+
+
+def dmd_generator_loss(g, teacher, fake, text, neg, args):
+    """DMD's generator step (DMD2 Eq. 2): noise the student's clip g to one t for the whole clip, and pull g along
+    the difference of the fake score's and the CFG'd bidirectional teacher's x0 predictions. CFG in flow space,
+    u + w (c - u), equals x0_c + (w - 1)(x0_c - x0_u) in x0 space at the same (x_t, t)."""
+    t = sample_t(len(g), args, g.device)
+    x_t = wan.add_noise(g.detach(), torch.randn_like(g), t)
+    with torch.no_grad():
+        x_fake = wan.to_x0(x_t, fake(x_t, t, text), t)
+        x_teacher = wan.to_x0(x_t, wan.guided_flow(teacher, x_t, t, text, neg, args.guidance), t)
+    loss = vsd_loss(g, x_teacher, x_fake)
+    return loss, {"vsd_loss": loss.item()}
+
+
+def fake_score_loss(fake, g, text, args):
+    """The critic step: the fake score learns the student's distribution by denoising score matching on student
+    clips, in x0 space (FastGen's fake_score_pred_type x0): E ||x0_fake(x_t, t) - g||^2."""
+    t = sample_t(len(g), args, g.device)
+    x_t = wan.add_noise(g, torch.randn_like(g), t)
+    loss = (wan.to_x0(x_t, fake(x_t, t, text), t).float() - g.float()).square().mean()
+    return loss, {"fake_score_loss": loss.item()}
+
+
+# ----------------------------------------------------------------------------
+# kd's teacher ODE pairs, written once, shard by shard (atomic), so an interrupted run continues where it stopped.
+
+
+@torch.no_grad()
+def teacher_trajectory(teacher, noise, text, neg, args):
+    """The teacher's Euler/CFG solution on the shifted grid of --teacher_steps, extended by the t-list times, from
+    t_list[0] (x = t_0 eps) to 0. Returns the states at the K non-zero t-list times (B, K, C, F, H, W) and x0."""
+    marks = torch.tensor(args.t_list_values, dtype=torch.float64)
+    grid = wan.shift_time(torch.linspace(1, 0, args.teacher_steps + 1, dtype=torch.float64), args.shift)
+    grid = torch.unique(torch.cat([grid[grid < marks[0]], marks])).flip(0)  # descending, t_0 ... 0
+    x, path = wan.add_noise(torch.zeros_like(noise), noise, marks[0]).double(), []
+    for t_from, t_to in zip(grid[:-1], grid[1:]):
+        if torch.isin(t_from, marks):
+            path.append(x.to(noise.dtype))
+        t = t_from.expand(len(x)).to(noise.device)
+        x = x + (t_to - t_from) * wan.guided_flow(teacher, x.to(noise.dtype), t, text, neg, args.guidance).double()
+    return torch.stack(path, dim=1), x.to(noise.dtype)
+
+
+def write_pairs(teacher, embed, prompts, neg, args, device, rank, world, distributed):
+    """Teacher pairs in shards of --micro_batch: pair k takes prompt k mod #prompts and noise seeded by (seed, k).
+    Shards on disk are kept; under FSDP every rank runs each round (a rank with nothing left runs a throwaway clip),
+    since the sharded teacher's forwards are collectives."""
+    out = args.pairs
+    settings = dict(teacher="tiny" if args.tiny and not args.teacher.endswith(".safetensors") else args.teacher,
+                    steps=args.teacher_steps, guidance=args.guidance, shift=args.shift, t_list=args.t_list_values,
+                    seed=args.seed, shard_size=args.micro_batch, shape=[args.frames, args.height, args.width],
+                    neg_prompt=args.neg_prompt, prompts=prompts)  # fmt: skip
+    index_file = os.path.join(out, "pairs.json")
+    if os.path.exists(index_file):
+        with open(index_file) as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in settings} != settings:
+            raise SystemExit(f"error: {out} holds pairs made with other settings; choose another --pairs DIR")
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(index_file + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(index_file + ".tmp", index_file)
+    starts = list(range(0, args.num_pairs, args.micro_batch))
+    names = [f"pairs_{i:08d}.safetensors" for i in starts]
+    C = teacher.cfg.in_channels
+    rounds = range(math.ceil(len(starts) / world))
+    for r in tqdm(rounds, unit="round", desc="teacher pairs", disable=rank != 0):
+        j = r * world + rank
+        mine = j < len(starts) and not os.path.exists(os.path.join(out, names[j]))
+        busy = torch.tensor([float(mine)], device=device)
+        if distributed:
+            dist.all_reduce(busy)
+        if not busy.item():
+            continue
+        ks = list(range(starts[j], min(starts[j] + args.micro_batch, args.num_pairs))) if mine else [0]
+        noise = torch.stack([torch.randn(C, args.frames, args.height, args.width, generator=torch.Generator().manual_seed(rng_seed(args.seed, k, 4))) for k in ks]).to(device)  # fmt: skip
+        text = embed([prompts[k % len(prompts)] for k in ks]).to(device)
+        path, x0 = teacher_trajectory(teacher, noise, text, neg.expand_as(text), args)
+        if mine:
+            tmp = os.path.join(out, names[j] + ".tmp")
+            save_file({"latents": x0.float().cpu().contiguous(), "path": path.float().cpu().contiguous()}, tmp,
+                      metadata={"prompts": json.dumps([prompts[k % len(prompts)] for k in ks])})  # fmt: skip
+            os.replace(tmp, os.path.join(out, names[j]))
+    if distributed:
+        dist.barrier()
+    return LatentVideos(out, keys=("latents", "path"))
+
+
+# ----------------------------------------------------------------------------
+# Sampling, checkpoints, small helpers
+
+
+@torch.no_grad()
+def sample_grid(student, vae, text, args, device, path):
+    """The student's causal few-step samples (wan.causal_sample, the KV-cached rollout) for the first prompts, decoded;
+    one row per prompt, every 4th video frame across. All ranks generate (FSDP); rank 0 decodes and writes."""
+    g = torch.Generator().manual_seed(12345)  # the same noise at every evaluation
+    noise = torch.randn(len(text), student.cfg.in_channels, args.frames, args.height, args.width, generator=g).to(device)  # fmt: skip
+    latents = wan.causal_sample(student, noise, text.to(device), times=args.t_list_values, chunk_size=args.chunk_size,
+                                context_noise=args.context_noise, generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+    if vae is None:
+        return latents
+    video = vae.decode(latents.float())  # (B, 3, T, H, W) in [-1, 1]
+    frames = video[:, :, ::4].permute(0, 2, 1, 3, 4)  # (B, T', 3, H, W)
+    grid = image_grid(to_uint8(frames.flatten(0, 1)), cols=frames.shape[1])
+    Image.fromarray(grid).save(path)
+    return latents
+
+
+def learning_rate(step, lr, args):
+    return lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else lr
+
+
+def save_checkpoint(args, step, weights, state, config_json):
+    """ckpt_NNNNNNN/ written as a temporary directory and renamed, so a crash never leaves a half checkpoint."""
+    final = os.path.join(args.out_dir, f"ckpt_{step:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, tensors in weights.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, f"{name}.safetensors"), metadata={"step": str(step), "config": config_json})  # fmt: skip
+    torch.save(state | {"step": step}, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args) | {"step": step}, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def latest_checkpoint(out_dir):
+    ckpts = sorted(d for d in os.listdir(out_dir) if d.startswith("ckpt_") and not d.endswith(".tmp")) if os.path.isdir(out_dir) else []  # fmt: skip
+    return os.path.join(out_dir, ckpts[-1]) if ckpts else None
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(args):
+    # Distributed setup: torchrun sets these; a plain `python` run is one process.
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    master = rank == 0
+    if master:
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+        print(json.dumps(vars(args)))
+    distill = args.method in ("causvid", "self_forcing")
+
+    # Text: every prompt's UMT5 embedding computed once (rank 0) and cached on disk; batches read the cache.
+    data = None
+    if args.method in ("sft", "causvid") and (args.data or not args.tiny):
+        data = LatentVideos(args.data)
+    prompts = data.prompts if data is not None else read_prompts(args)
+    cfg = wan_config(args)
+    if cfg is None:
+        cfg = wan.from_pretrained(args.teacher).cfg
+    tiny_widths = {"umt5": cfg.text_dim} if args.tiny else None
+    encoder = encoders.TextEncoder("wan", None if args.tiny else args.text_encoder, tiny=tiny_widths)
+    cache_dir = args.embed_cache or os.path.join(args.out_dir, "text_cache")
+    if master:
+        unique = sorted(set(prompts)) + [args.neg_prompt]
+        for i in tqdm(range(0, len(unique), 64), unit="prompts", desc="text embeddings", disable=len(unique) < 65):
+            encoders.cached_embeddings(encoder, unique[i : i + 64], cache_dir)
+        encoder.models.clear()  # the cache serves everything from here on
+    if distributed:
+        dist.barrier()
+
+    def embed(batch_prompts):
+        return encoders.cached_embeddings(encoder, batch_prompts, cache_dir)["text"]
+
+    neg = embed([args.neg_prompt]).to(device)
+
+    # Networks: the frozen bidirectional teacher; the causal student; the fake score (a trainable teacher copy).
+    teacher_state = load_state(args.teacher if not args.tiny or args.teacher.endswith(".safetensors") else "", args, cfg, args.seed) if master or not args.fsdp else {}  # fmt: skip
+    # sft has no teacher: diffusion forcing learns from the data alone (the teacher's weights only start the student).
+    teacher = (
+        build_net(cfg, teacher_state, args, device, distributed, trainable=False) if args.method != "sft" else None
+    )
+    if args.student_init:
+        student_state = load_state(args.student_init, args, cfg, args.seed) if master or not args.fsdp else {}
+    else:
+        student_state = teacher_state
+    student = build_net(cfg, student_state, args, device, distributed, trainable=True)
+    fake = build_net(cfg, teacher_state, args, device, distributed, trainable=True) if distill else None
+    del teacher_state, student_state
+    emas = {spec: {k: p.detach().clone() for k, p in student.named_parameters()} for spec in args.ema.split(",") if spec}  # fmt: skip
+    if master:
+        print(f"student: {sum(p.numel() for p in student.parameters()):,} parameters, method {args.method}")
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)  # fmt: skip
+    critic_lr = args.critic_lr or args.lr
+    critic_optimizer = torch.optim.AdamW(fake.parameters(), lr=critic_lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay) if distill else None  # fmt: skip
+    amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    micro = args.micro_batch
+    accum = max(1, args.batch_size // (micro * world)) if args.batch_size else 1
+    batch_size = micro * world * accum
+
+    # kd: the teacher's ODE pairs (written now if incomplete), then the teacher is no longer needed.
+    if args.method == "kd":
+        args.pairs = args.pairs or os.path.join(args.out_dir, "pairs")
+        data = write_pairs(teacher, embed, prompts, neg, args, device, rank, world, distributed)
+        teacher = None
+
+    def batch(step, shard):
+        """(x0 or None, extra tensors, text embeddings) of micro-batch `shard` of `step`."""
+        g = torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 0))
+        if data is None and args.method != "self_forcing":  # the tiny run's toy clips
+            index = torch.randint(len(prompts), (micro,), generator=g).tolist()
+            x0 = torch.cat([toy_latents(i, args, g) for i in index])
+            return x0, {}, embed([prompts[i] for i in index])
+        if data is None:  # self_forcing: prompts only
+            index = torch.randint(len(prompts), (micro,), generator=g).tolist()
+            return None, {}, embed([prompts[i] for i in index])
+        index = torch.randint(len(data), (micro,), generator=g).tolist()
+        rows = [data[i] for i in index]
+        tensors = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        return tensors.pop("latents"), tensors, embed([data.prompts[i] for i in index])
+
+    # What a checkpoint holds, and --resume.
+    start = 0
+    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
+    trained = {"student": (student, optimizer)} | ({"fake_score": (fake, critic_optimizer)} if distill else {})
+    if ckpt:
+        options = StateDictOptions(full_state_dict=distributed, broadcast_from_rank0=distributed)
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu") if master or not distributed else {}  # fmt: skip
+        for name, (net, opt) in trained.items():
+            weights = load_file(os.path.join(ckpt, f"{name}.safetensors")) if master or not distributed else {}
+            set_model_state_dict(net, weights, options=options)
+            set_optimizer_state_dict(net, opt, optim_state_dict=state.get(name, {}), options=options)
+        for spec, ema in emas.items():
+            weights = load_file(os.path.join(ckpt, f"ema_{spec}.safetensors"))
+            for k, p in ema.items():
+                p.copy_(weights[k].to(device) if not hasattr(p, "full_tensor") else distribute_like(weights[k], p))
+        start = int(json.load(open(os.path.join(ckpt, "args.json")))["step"])
+        if master:
+            print(f"resumed from {ckpt} at step {start}")
+
+    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    wandb = None
+    if args.wandb and master:
+        import wandb
+
+        wandb.init(project=args.wandb, config=vars(args))
+    vae = None
+    sample_text = embed(prompts[: args.sample_n])
+
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, unit="step")
+    for step in bar:
+        # causvid/self_forcing alternate: a generator step every student_update_freq steps (counting from 1), fake
+        # score steps in between (DMD2 Sec. 4.2). sft and kd update the student at every step.
+        generator_step = not distill or (step + 1) % args.student_update_freq == 0
+        net, opt = (student, optimizer) if generator_step else (fake, critic_optimizer)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, args.lr if generator_step else critic_lr, args)
+        tic = time.time()
+        total, logs = 0.0, {}
+        for m in range(accum):
+            shard = rank * accum + m  # this micro-batch's place in the global batch
+            x0, extra, text = batch(step, shard)
+            x0 = x0.to(device) if x0 is not None else None
+            text = text.to(device)
+            neg_b = neg.expand_as(text)
+            torch.manual_seed(rng_seed(args.seed, step, shard, 2))  # noise and times: exact on resume
+            if args.fsdp and distributed:
+                net.set_requires_gradient_sync(m == accum - 1)  # reduce-scatter on the last round only
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                if args.method == "sft":
+                    drop = torch.rand(len(text), device=device) < args.cond_dropout
+                    loss, logs = sft_loss(student, x0, torch.where(drop[:, None, None], neg_b, text), args)
+                elif args.method == "kd":
+                    drop = torch.rand(len(text), device=device) < args.cond_dropout
+                    loss, logs = kd_loss(student, extra["path"].to(device), x0, torch.where(drop[:, None, None], neg_b, text), args)  # fmt: skip
+                else:
+                    with torch.set_grad_enabled(generator_step):  # critic steps: the student's clip is a constant
+                        if args.method == "causvid":
+                            g = diffusion_forcing_sample(student, x0, text, args)
+                        else:
+                            shape = (micro, cfg.in_channels, args.frames, args.height, args.width)
+                            exits = exit_steps(len(wan.chunk_frames(args.frames, args.chunk_size)), args, step)
+                            g = rollout(student, torch.randn(shape, device=device), text, args.t_list_values, args.chunk_size, exits, args.context_noise, grad=generator_step, start_gradient_frame=args.start_gradient_frame)  # fmt: skip
+                            logs = {"exit_step": exits[0]}
+                    if generator_step:
+                        loss, more = dmd_generator_loss(g, teacher, fake, text, neg_b, args)
+                    else:
+                        loss, more = fake_score_loss(fake, g.detach(), text, args)
+                    logs = logs | more
+            (loss / accum).backward()
+            total += loss.item() / accum
+        params = [p for p in net.parameters() if p.grad is not None]
+        if distributed and not args.fsdp:  # plain data parallel: average the gradients (forward_chunk bypasses DDP)
+            for p in params:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        for p in params:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+        # The student's gradient is clipped; the fake score's is not (FastGen clips the student only).
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, args.grad_clip if generator_step else math.inf))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # every step, critic steps included, as FastGen's EMA callback does
+            for spec, ema in emas.items():
+                for k, p in student.named_parameters():
+                    ema[k].lerp_(p.detach(), 1 - float(spec))
+        if distributed:
+            total = torch.tensor(total, device=device)
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+            total = total.item()
+
+        step_done = step + 1
+        if master:
+            sec = time.time() - tic
+            bar.set_postfix(loss=f"{total:.4f}", s_step=f"{sec:.2f}")
+            record = {"step": step_done, "loss": total, "generator_step": generator_step, "grad_norm": grad_norm.item(), "lr": opt.param_groups[0]["lr"], "clips_per_s": batch_size / sec, **logs}  # fmt: skip
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if wandb:
+                wandb.log(record, step=step_done)
+        if args.sample_every and (step_done % args.sample_every == 0 or step_done == args.max_steps):
+            if vae is None and master:
+                vae = wan_vae.WanVAE(wan_vae.CONFIGS["tiny"]) if args.tiny else wan_vae.from_pretrained(args.vae)
+                vae = vae.to(device).eval()
+            student.eval()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                sample_grid(student, vae if master else None, sample_text, args, device, os.path.join(args.out_dir, "samples", f"step_{step_done:07d}.png"))  # fmt: skip
+            student.train()
+        if args.save_every and (step_done % args.save_every == 0 or step_done == args.max_steps):
+            options = StateDictOptions(full_state_dict=distributed, cpu_offload=True)
+            weights = {name: full_state_dict(n, distributed) for name, (n, _) in trained.items()}
+            weights |= {f"ema_{spec}": {k: full_tensor(v) for k, v in ema.items()} for spec, ema in emas.items()}
+            state = {name: get_optimizer_state_dict(n, o, options=options) for name, (n, o) in trained.items()}
+            if master:
+                save_checkpoint(args, step_done, weights, state, json.dumps(cfg.__dict__, default=list))
+            if distributed:
+                dist.barrier()
+    if master:
+        log.close()
+    if distributed:
+        dist.destroy_process_group()
+    return student
+
+
+def distribute_like(full, like):
+    """A full tensor placed as the shards of the DTensor `like` (rank 0's copy is scattered)."""
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)
+
+
+if __name__ == "__main__":
+    main(parse_args())
