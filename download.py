@@ -18,7 +18,7 @@ state dict with exactly the keys `state_dict()` of the real network would give (
     python download.py convert network-snapshot.pkl out.safetensors   # convert a local pickle, no network
     python download.py DiT-XL-2-256x256                         # -> imagenet-256/DiT-XL-2-256x256.pt, keys checked
     python download.py sd-vae-ft-mse                            # a Hub repo, into the Hugging Face cache
-    python download.py imagenet-latents /data/imagenet/train    # -> imagenet-256-latents/, DiT's VAE latents
+    python download.py imagenet-latents /data/imagenet/train    # -> datasets/imagenet256-latents, DiT's VAE latents
     HF_TOKEN=hf_... python download.py flux-dev                 # gated: accept the licence on the model page first
 
 Downloads resume (HTTP Range) into `<source file name>.part` next to the destination, are checked against
@@ -820,7 +820,7 @@ def main(argv=None):
     fid.add_argument("--data", metavar="PATH", help="where a named dataset is read (default: its place under --root)")
     fid.add_argument(
         "--out", metavar="REF.npz", help="statistics file (default: fid-refs/<dataset>.npz under --root, where "
-        "`sample.py --fid_ref NAME` looks); for imagenet-latents the folder (default: imagenet-256-latents under --root)",
+        "`sample.py --fid_ref NAME` looks); for imagenet-latents the folder (default: datasets/imagenet256-latents, the train_edm.py presets' --data)",
     )  # fmt: skip
     fid.add_argument("--inception", metavar="WEIGHTS", help=f"Inception .safetensors (default: {inception.FILE} under --root)")  # fmt: skip
     fid.add_argument("--batch", type=int, default=64, help="images per Inception (or, for imagenet-latents, VAE) call")
@@ -867,7 +867,7 @@ def main(argv=None):
         elif args.name == "imagenet-latents":
             from models import autoencoder_kl
 
-            out = args.out or os.path.join(args.root, "imagenet-256-latents")
+            out = args.out or "datasets/imagenet256-latents"  # where the dit/sit presets of train_edm.py read
             vae = autoencoder_kl.from_pretrained(args.vae, device=args.device)
             encode_latents(args.paths[0], out, vae, args.vae, image_size=args.image_size, batch_size=args.batch, device=args.device)  # fmt: skip
             print(f"wrote {out} (train with `train_edm.py --model dit|sit --data {out}`)")
