@@ -73,6 +73,7 @@ FAMILIES = {
 }
 TINY_PROMPTS = ["a red disc", "an orange ring", "a yellow square", "a green triangle", "a blue plus", "a purple star",
                 "a grey square on white", "a small red ring"]  # fmt: skip
+TINY_TOKENS = 32
 
 # Named presets: FastGen's Flux / SD1.5 / SDXL experiment configs (reference/methods.md §7.1, §7.3, §7.9) as flag
 # defaults. Batch sizes are global; micro_batch is FastGen's per-GPU batch.
@@ -92,7 +93,7 @@ parser.add_argument("--preset", choices=sorted(PRESETS), default="", help="named
 parser.add_argument("--method", choices=["sft", "kd", "dmd2", "fdistill", "ladd"], default="dmd2")
 # models and data
 parser.add_argument("--model", choices=sorted(FAMILIES), default="flux", help="the family: FLUX.1, SD1.5 or SDXL")
-parser.add_argument("--teacher", default="", help="CONFIGS name, Hub repo or local folder of the pretrained denoiser (default: the family's release)")  # fmt: skip
+parser.add_argument("--teacher", default="", help="CONFIGS name, Hub repo, local folder, or a .safetensors this script saved: the pretrained denoiser (default: the family's release)")  # fmt: skip
 parser.add_argument("--text_encoder", default="", help="Hub repo or local pipeline folder of the text encoders (default: the family's release)")  # fmt: skip
 parser.add_argument("--vae", default="", help="models/autoencoder_kl.py preset, Hub repo or folder (default: the family's)")
 parser.add_argument("--prompts", default="", help="text file, one prompt per line (data-free methods; captions of --data otherwise)")  # fmt: skip
@@ -163,7 +164,7 @@ def parse_args(argv=None):
     args.t_max = (999.0 if sd else 0.999) if args.t_max is None else args.t_max
     args.guidance = (1.0 if sd else flux.DEFAULT_GUIDANCE) if args.guidance is None else args.guidance
     if args.tiny:  # the same code path at CPU size
-        args.batch_size, args.eval_n, args.resolution = min(args.batch_size, 8), min(args.eval_n, 8), 16
+        args.batch_size, args.resolution = min(args.batch_size, 8), 16
     return args
 
 
@@ -569,22 +570,32 @@ def make_pairs(args, module, teacher, embed, prompts, latent_shape, device, rank
                 raise SystemExit(f"error: {args.pairs} holds pairs made with other settings ({old}); choose another --pairs DIR")  # fmt: skip
     shards = [f"shard_{k:05d}.safetensors" for k in range(math.ceil(n / shard_size))]
     shard_prompts = {name: [prompts[i % len(prompts)] for i in range(k * shard_size, min(n, (k + 1) * shard_size))] for k, name in enumerate(shards)}  # fmt: skip
-    for k in tqdm(range(rank, len(shards), world), disable=rank != 0, desc="teacher pairs", unit="shard"):
+    # Every process works on every shard, on its share of the rows (padded to equal shares): under FSDP each teacher
+    # forward is a collective, so all processes must run the same number of them.
+    for k in tqdm(range(len(shards)), disable=rank != 0, desc="teacher pairs", unit="shard"):
         path = os.path.join(args.pairs, shards[k])
-        if os.path.exists(path):
+        done = torch.tensor(float(rank == 0 and os.path.exists(path)), device=device)
+        if all_reduce_sum(done) > 0:
             continue
         ids = embed.ids(shard_prompts[shards[k]])
         noise = torch.randn(len(ids), *latent_shape, generator=torch.Generator().manual_seed(rng_seed(args.seed, 7, k)))
+        share = math.ceil(len(ids) / world)
+        rows = torch.arange(rank * share, (rank + 1) * share).clamp(max=len(ids) - 1)
         x0s, states = [], []
-        for chunk, z in zip(ids.split(8), noise.split(8)):
+        for chunk in rows.split(8):
             uncond = embed(embed.ids([""] * len(chunk)), device)
-            x0, s = teacher_sample(module, teacher, z.to(device), embed(chunk, device), uncond, args, args.teacher_steps, args.pair_states)  # fmt: skip
-            x0s.append(x0.float().cpu())
-            states.append(torch.stack(s, dim=1).float().cpu())
-        save_file({"x0": torch.cat(x0s), "states": torch.cat(states)}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    if dist.is_initialized():
-        dist.barrier()
+            x0, s = teacher_sample(module, teacher, noise[chunk].to(device), embed(ids[chunk], device), uncond, args, args.teacher_steps, args.pair_states)  # fmt: skip
+            x0s.append(x0.float())
+            states.append(torch.stack(s, dim=1).float())
+        x0, states = torch.cat(x0s), torch.cat(states)
+        if world > 1:
+            x0s, all_states = [torch.empty_like(x0) for _ in range(world)], [torch.empty_like(states) for _ in range(world)]  # fmt: skip
+            dist.all_gather(x0s, x0)
+            dist.all_gather(all_states, states)
+            x0, states = torch.cat(x0s)[: len(ids)], torch.cat(all_states)[: len(ids)]
+        if rank == 0:
+            save_file({"x0": x0.cpu().contiguous(), "states": states.cpu().contiguous()}, path + ".tmp")
+            os.replace(path + ".tmp", path)
     if rank == 0:
         with open(index_file + ".tmp", "w") as f:
             json.dump({"settings": settings, "shards": shards, "prompts": shard_prompts}, f)
@@ -604,6 +615,8 @@ class Embeddings:
         if dist.is_initialized():
             dist.barrier()
         self.table = cached_embeddings(text_encoder(args, cfg), self.prompts, cache_dir)  # read back from the cache
+        if args.tiny:  # the built-in prompts are short: keep their first tokens, not 512 (T5) or 77 (CLIP) of padding
+            self.table = {k: v[:, :TINY_TOKENS] if k.startswith("text") else v for k, v in self.table.items()}
 
     def ids(self, prompts):
         return torch.tensor([self.index[p] for p in prompts])
@@ -662,9 +675,13 @@ def build_network(Net, cfg, state, args, device, fsdp_policy):
             net = Net(cfg)
         for block in blocks(net):
             fully_shard(block, mp_policy=fsdp_policy)
-        fully_shard(net, mp_policy=fsdp_policy)
+        # The root reshards after forward too: the teacher (and the student in critic steps) run without a backward,
+        # which is where FSDP2 would otherwise reshard the root's parameters.
+        fully_shard(net, mp_policy=fsdp_policy, reshard_after_forward=True)
         net.to_empty(device=device)
-        set_model_state_dict(net, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        set_model_state_dict(
+            net, dict(state), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )  # it rewrites the dict
     if args.grad_ckpt:  # recompute each block's activations in the backward pass instead of keeping them
         for block in blocks(net):
             block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
@@ -756,7 +773,16 @@ def main(args):
 
     # The pretrained denoiser, loaded once (on rank 0 only under FSDP): teacher, student and fake score all start
     # from it. --tiny: a random tiny network stands in.
-    if args.tiny:
+    if args.teacher.endswith(".safetensors"):  # a network this script saved (its config in the metadata)
+        from safetensors import safe_open
+
+        with safe_open(args.teacher, framework="pt") as f:
+            fields = json.loads((f.metadata() or {}).get("config", "null"))
+        if fields is None:
+            raise SystemExit(f"error: {args.teacher} has no config metadata; give a CONFIGS name, Hub repo or folder")
+        cfg = module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        weights = load_file(args.teacher) if master or not args.fsdp else {}
+    elif args.tiny:
         cfg = module.CONFIGS["tiny"]
         torch.manual_seed(rng_seed(args.seed, 4))
         weights = Net(cfg).state_dict()
@@ -785,7 +811,7 @@ def main(args):
     teacher = build_network(Net, cfg, weights, args, device, fsdp_policy).eval().requires_grad_(False)
 
     # Prompts and data. The prompt table holds every prompt: --prompts, the captions of --data, those of the pairs.
-    file_prompts = TINY_PROMPTS if args.tiny and not args.prompts else []
+    file_prompts = TINY_PROMPTS if args.tiny and not args.prompts and not args.data else []
     if args.prompts:
         with open(args.prompts) as f:
             file_prompts = [line.strip() for line in f if line.strip()]
@@ -977,7 +1003,7 @@ def main(args):
         with torch.no_grad():  # every step, critic steps included, as FastGen's EMA callback does
             for spec, params in emas.items():
                 for p_ema, p in zip(params, student.parameters()):
-                    p_ema.lerp_(p.detach(), 1 - float(spec))
+                    local(p_ema).lerp_(local(p.detach()), 1 - float(spec))
         loss_mean = all_reduce_sum(total) / world  # the loss of the global batch
 
         step_done = step + 1
