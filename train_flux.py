@@ -764,6 +764,14 @@ def main(args):
     if master:
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
         print(json.dumps(vars(args)))
+    if args.make_pairs and not args.pairs:
+        raise SystemExit("error: --make_pairs N writes to --pairs DIR; give the directory")
+    file_prompts = TINY_PROMPTS if args.tiny and not args.prompts and not args.data else []
+    if args.prompts:
+        with open(args.prompts) as f:
+            file_prompts = [line.strip() for line in f if line.strip()]
+    if args.make_pairs and not file_prompts:
+        raise SystemExit("error: --make_pairs needs prompts: give --prompts FILE (one prompt per line)")
     if args.fsdp and not distributed:
         args.fsdp = False  # one process: nothing to shard
     module, Net, pretrained, _, _, default_resolution = FAMILIES[args.model]
@@ -811,10 +819,6 @@ def main(args):
     teacher = build_network(Net, cfg, weights, args, device, fsdp_policy).eval().requires_grad_(False)
 
     # Prompts and data. The prompt table holds every prompt: --prompts, the captions of --data, those of the pairs.
-    file_prompts = TINY_PROMPTS if args.tiny and not args.prompts and not args.data else []
-    if args.prompts:
-        with open(args.prompts) as f:
-            file_prompts = [line.strip() for line in f if line.strip()]
     latents = real_prompts = pairs = pair_prompts = None
     vae = None
     if args.data:
