@@ -660,6 +660,16 @@ def blocks(net):
     return list(net.down_blocks) + [net.mid_block] + list(net.up_blocks)
 
 
+def checkpointed(forward):
+    """forward under activation checkpointing. The recomputation gets fresh copies of list arguments: the UNet's up
+    blocks pop their skip tensors off the list they are given."""
+
+    def fresh(*args):
+        return forward(*[list(a) if isinstance(a, list) else a for a in args])
+
+    return functools.partial(torch.utils.checkpoint.checkpoint, fresh, use_reentrant=False)
+
+
 def build_network(Net, cfg, state, args, device, fsdp_policy):
     """A network holding `state` (the full state dict on rank 0; {} elsewhere under FSDP). Under FSDP it is built on
     the meta device, sharded per block then at the root, materialised empty and filled by a broadcast from rank 0, so
@@ -684,7 +694,7 @@ def build_network(Net, cfg, state, args, device, fsdp_policy):
         )  # it rewrites the dict
     if args.grad_ckpt:  # recompute each block's activations in the backward pass instead of keeping them
         for block in blocks(net):
-            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+            block.forward = checkpointed(block.forward)
     return net
 
 
