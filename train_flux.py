@@ -4,9 +4,9 @@ matching and latent adversarial distillation, on latents of the family's autoenc
     python train_flux.py --tiny --method dmd2 --max_steps 20                   # any method and --model, seconds on a CPU
     python train_flux.py --tiny --model sd15 --method dmd2 --max_steps 20
     python train_flux.py --model sd15 --method sft --data images/ --prompts prompts.txt   # one GPU
-    python train_flux.py --preset kd-sdxl --make_pairs 20000                   # teacher pairs for kd (resumable shards)
+    python train_flux.py --preset kd-sdxl --prompts prompts.txt --make_pairs 20000   # teacher pairs (resumable)
     torchrun --nproc_per_node=8 train_flux.py --preset kd-sdxl                 # then kd on them
-    torchrun --nproc_per_node=8 train_flux.py --preset dmd2-flux --prompts prompts.txt   # FSDP2, bf16, 4 steps
+    torchrun --nproc_per_node=8 train_flux.py --preset dmd2-flux --prompts prompts.txt --data images/  # FSDP2, bf16
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
         train_flux.py --preset dmd2-sdxl --data latents/                       # several nodes
 
@@ -200,7 +200,8 @@ def denoise(module, net, x, t, cond, feature_indices=()):
     return (x0, features) if len(feature_indices) else x0
 
 
-def features(module, net, x, t, cond, indices):
+def features(net, x, t, cond, indices):
+    """The teacher's feature maps at blocks `indices`, without running the blocks after the last of them."""
     return net(x, t, **cond, feature_indices=indices, features_only=True)
 
 
@@ -356,7 +357,7 @@ def ladd_generator_loss(net, teacher, disc, x0, shape, cond, args, module):
     g = denoise(module, net, x_in, t_s, cond)
     t = sample_t(shape[0], args, module, device)
     x_t = noised(module, g, torch.randn_like(g), t)
-    loss = F.softplus(-disc(features(module, teacher, x_t, t, cond, disc_indices(disc))).float()).mean()
+    loss = F.softplus(-disc(features(teacher, x_t, t, cond, disc_indices(disc))).float()).mean()
     return loss, {"gan_loss_gen": loss.item()}
 
 
@@ -386,10 +387,10 @@ def critic_loss(student, teacher, fake_net, disc_net, x0, shape, cond, args, mod
     x_real = noised(module, x0, eps_real, t_real)
     indices = disc_indices(disc_net)
     with torch.no_grad():
-        maps = [features(module, teacher, x_t, t, cond, indices), features(module, teacher, x_real, t_real, cond, indices)]  # fmt: skip
+        maps = [features(teacher, x_t, t, cond, indices), features(teacher, x_real, t_real, cond, indices)]  # fmt: skip
         if args.r1_weight > 0:
             x_perturbed = noised(module, x0 + args.r1_alpha * torch.randn_like(x0), eps_real, t_real)
-            maps.append(features(module, teacher, x_perturbed, t_real, cond, indices))
+            maps.append(features(teacher, x_perturbed, t_real, cond, indices))
     # One pass of the heads over [fake; real; perturbed real], so that DDP sees a single forward per step.
     logits = disc_net([torch.cat(m) for m in zip(*maps)]).float().chunk(len(maps))
     loss_disc = F.softplus(logits[0]).mean() + F.softplus(-logits[1]).mean()
@@ -507,7 +508,10 @@ def encode_images(args, folder, cache, vae, master):
                 caption = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
                 prompts.append(open(caption).read().strip() if os.path.exists(caption) else "")
             with torch.no_grad():
-                latents = torch.cat([vae.encode(x, sample=False) for x in torch.stack(images).split(16)])
+                device = next(vae.parameters()).device
+                latents = torch.cat(
+                    [vae.encode(x.to(device), sample=False).cpu() for x in torch.stack(images).split(16)]
+                )
             path = os.path.join(cache, f"shard_{start // 1000:05d}.safetensors")
             save_file({"latents": latents.contiguous()}, path + ".tmp", metadata={"prompts": json.dumps(prompts)})
             os.replace(path + ".tmp", path)
@@ -835,7 +839,7 @@ def main(args):
         if any(f.endswith(".safetensors") for f in os.listdir(args.data)):
             latents, real_prompts = read_latent_shards(args.data)
         else:
-            vae = make_vae(args, latent_channels)
+            vae = make_vae(args, latent_channels).to(device)
             latents, real_prompts = encode_images(args, args.data, os.path.join(args.out_dir, "latents"), vae, master)
         if tuple(latents.shape[1:]) != latent_shape:
             raise SystemExit(f"error: --data latents are {tuple(latents.shape[1:])}, the {args.model} student at --resolution {side * vae_factor} needs {latent_shape}")  # fmt: skip
@@ -868,7 +872,7 @@ def main(args):
     if distribution_matching:
         fake = build_network(Net, cfg, weights, args, device, fsdp_policy).train()
     del weights
-    if args.gan_weight > 0 and args.method != "sft" and args.method != "kd" or args.method == "ladd":
+    if args.method == "ladd" or (distribution_matching and args.gan_weight > 0):
         n_blocks = cfg.num_layers + cfg.num_single_layers if args.model == "flux" else len(cfg.block_out_channels) + 1
         default = n_blocks // 2 if args.model == "flux" else n_blocks - 1  # Flux: the middle block; SD: the mid block
         indices = [int(i) for i in args.disc_features.split(",")] if args.disc_features else [default]
@@ -876,14 +880,14 @@ def main(args):
             raise SystemExit(f"error: --disc_features {indices} outside the teacher's {n_blocks} blocks")
         with torch.no_grad():
             probe = torch.zeros(1, *latent_shape, device=device)
-            maps = features(module, teacher, probe, torch.full((1,), args.t_max, device=device), embed(embed.ids([""]), device), indices)  # fmt: skip
+            maps = features(teacher, probe, torch.full((1,), args.t_max, device=device), embed(embed.ids([""]), device), indices)  # fmt: skip
         torch.manual_seed(rng_seed(args.seed, 3))
         disc = Discriminator(indices, [(m.shape[1], m.shape[-1]) for m in maps], "dit" if args.model == "flux" else "unet").to(device).train()  # fmt: skip
         if args.fsdp:
             from torch.distributed.fsdp import fully_shard
 
             fully_shard(disc)
-    adversarial = args.method == "ladd" or distribution_matching
+    alternating = args.method == "ladd" or distribution_matching  # generator and critic steps take turns
     emas = {spec: [p.detach().clone() for p in student.parameters()] for spec in args.ema.split(",") if spec}
     if distributed and not args.fsdp:
         net = DDP(student, find_unused_parameters=True)
@@ -925,7 +929,11 @@ def main(args):
             sd = load_file(os.path.join(ckpt, f"ema_{spec}.safetensors"))
             for p, key in zip(params, names):
                 value = sd[key].to(device)
-                p.copy_(torch.distributed.tensor.distribute_tensor(value, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else value)  # fmt: skip
+                if hasattr(p, "device_mesh"):  # an FSDP2 shard: keep this process's part
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value, p.device_mesh, p.placements)
+                p.copy_(value)
         bins.copy_(state["ratio_bins"])
         start = state["step"]
         if master:
@@ -970,7 +978,7 @@ def main(args):
     for step in bar:
         # dmd2/fdistill/ladd alternate: a generator step every student_update_freq steps (counting from 1), critic
         # steps (fake score and GAN heads) in between. sft and kd update the student at every step.
-        generator_step = not adversarial or (step + 1) % args.student_update_freq == 0
+        generator_step = not alternating or (step + 1) % args.student_update_freq == 0
         for critic in (fake, disc):
             if critic is not None:
                 critic.train(not generator_step).requires_grad_(not generator_step)

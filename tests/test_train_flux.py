@@ -295,20 +295,23 @@ def flux_teacher(tmp_path_factory):
 def test_sft_lowers_its_loss(flux_teacher):
     losses = flux_teacher[1]
     first, last = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
-    assert last < 0.8 * first, (first, last)  # measured: about 1.56 -> 1.21
+    print("sft loss, first and last 30 steps:", first, last)
+    assert last < 0.8 * first, (first, last)  # measured: 1.55 -> 1.21
 
 
 def test_dmd2_moves_the_one_step_student_toward_the_teachers_samples(flux_teacher, tmp_path):
     """Distance of 1-step student samples to the teacher's 28-step samples on 32 fixed noise/prompt pairs."""
     run("--tiny", "--method", "dmd2", "--teacher", flux_teacher[0], "--gan_weight", "0", "--lr", "1e-3", "--critic_lr", "1e-3", "--max_steps", "30", "--eval_every", "30", "--eval_n", "32", "--save_every", "0", "--ema", "", "--out_dir", str(tmp_path))  # fmt: skip
     distances = evals(tmp_path)
-    assert distances[-1] < 0.6 * distances[0], distances  # measured: 0.055 -> 0.021
+    print("distance to the teacher's samples:", distances)
+    assert distances[-1] < 0.6 * distances[0], distances  # measured: 0.055 -> 0.019
 
 
 def test_ladd_moves_the_one_step_student_toward_the_teachers_samples(flux_teacher, tmp_path):
     """LADD's real branch is the teacher's own samples here (its pairs), as in the LADD paper."""
     run("--tiny", "--method", "ladd", "--teacher", flux_teacher[0], "--student_update_freq", "2", "--lr", "1e-4", "--critic_lr", "1e-3", "--max_steps", "50", "--eval_every", "50", "--eval_n", "32", "--save_every", "0", "--ema", "", "--out_dir", str(tmp_path))  # fmt: skip
     distances = evals(tmp_path)
+    print("distance to the teacher's samples:", distances)
     assert distances[-1] < 0.85 * distances[0], distances  # measured: 0.055 -> 0.042
 
 
@@ -321,6 +324,7 @@ def test_sd15_dmd2_runs_with_guidance_and_improves(tmp_path):
     teacher = str(tmp_path / "sft" / "ckpt_0000150" / "student.safetensors")
     run("--tiny", "--model", "sd15", "--method", "dmd2", "--teacher", teacher, "--guidance", "1.75", "--gan_weight", "0", "--lr", "1e-4", "--critic_lr", "1e-3", "--max_steps", "40", "--eval_every", "40", "--eval_n", "32", "--save_every", "0", "--ema", "", "--out_dir", str(tmp_path / "dmd2"))  # fmt: skip
     distances = evals(tmp_path / "dmd2")
+    print("distance to the teacher's samples:", distances)
     assert distances[-1] < 0.95 * distances[0], distances  # measured: 6.29 -> 5.72
 
 
