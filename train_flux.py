@@ -833,7 +833,7 @@ def main(args):
     teacher = build_network(Net, cfg, weights, args, device, fsdp_policy).eval().requires_grad_(False)
 
     # Prompts and data. The prompt table holds every prompt: --prompts, the captions of --data, those of the pairs.
-    latents = real_prompts = pairs = pair_prompts = None
+    latents = real_prompts = pair_prompts = None
     vae = None
     if args.data:
         if any(f.endswith(".safetensors") for f in os.listdir(args.data)):
@@ -848,7 +848,10 @@ def main(args):
     if auto_pairs:
         args.pairs = os.path.join(args.out_dir, "pairs")
     pair_prompt_list = TINY_PROMPTS if auto_pairs else file_prompts
-    embed = Embeddings(args, cfg, file_prompts + (real_prompts or []) + pair_prompt_list, os.path.join(args.out_dir, "cache", "text"), master)  # fmt: skip
+    pairs = names = None
+    if args.method == "kd" and not auto_pairs and not args.make_pairs:  # existing pairs bring their own prompts
+        pairs, names = read_pairs(args.pairs, args.student_steps)
+    embed = Embeddings(args, cfg, file_prompts + (real_prompts or []) + pair_prompt_list + (names or []), os.path.join(args.out_dir, "cache", "text"), master)  # fmt: skip
     if args.make_pairs or auto_pairs:  # pairs (and LADD-style synthetic real data) from the teacher's sampler
         make_pairs(args, module, teacher, embed, pair_prompt_list, latent_shape, device, rank, world, args.make_pairs or 32)  # fmt: skip
         if args.make_pairs:
@@ -856,7 +859,8 @@ def main(args):
                 dist.destroy_process_group()
             return None
     if args.method == "kd" or (auto_pairs and latents is None):
-        pairs, names = read_pairs(args.pairs, args.student_steps)
+        if pairs is None:
+            pairs, names = read_pairs(args.pairs, args.student_steps)
         pair_prompts = embed.ids(names)
         if args.method != "kd":  # the teacher's outputs serve as the real data
             latents, real_prompts = pairs[:, -1], names

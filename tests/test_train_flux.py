@@ -257,7 +257,8 @@ def test_make_pairs_then_kd(tmp_path):
     assert os.path.getmtime(pairs / "shard_00000.safetensors") == before
     with pytest.raises(SystemExit, match="other settings"):
         train_flux.main(train_flux.parse_args([*common, "--make_pairs", "10", "--teacher_steps", "4"]))
-    run(*common, "--method", "kd", "--student_steps", "2", "--max_steps", "3", "--eval_every", "0", "--save_every", "3")  # fmt: skip
+    kd = ["--tiny", "--pairs", str(pairs), "--out_dir", str(tmp_path / "run")]  # the prompts come with the pairs
+    run(*kd, "--method", "kd", "--student_steps", "2", "--max_steps", "3", "--eval_every", "0", "--save_every", "3")  # fmt: skip
     assert metrics(tmp_path / "run")[-1]["step"] == 3
 
 
