@@ -1,0 +1,1061 @@
+"""Train and distill the text-to-image family (FLUX.1, SD1.5, SDXL): fine-tuning, knowledge distillation, distribution
+matching and latent adversarial distillation, on latents of the family's autoencoder and embeddings of its text encoders.
+
+    python train_flux.py --tiny --method dmd2 --max_steps 20                   # any method and --model, seconds on a CPU
+    python train_flux.py --tiny --model sd15 --method dmd2 --max_steps 20
+    python train_flux.py --model sd15 --method sft --data images/ --prompts prompts.txt   # one GPU
+    python train_flux.py --preset kd-sdxl --prompts prompts.txt --make_pairs 20000   # teacher pairs (resumable)
+    torchrun --nproc_per_node=8 train_flux.py --preset kd-sdxl                 # then kd on them
+    torchrun --nproc_per_node=8 train_flux.py --preset dmd2-flux --prompts prompts.txt --data images/  # FSDP2, bf16
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
+        train_flux.py --preset dmd2-sdxl --data latents/                       # several nodes
+
+Methods (the loss of each is written out below, with its paper's equations):
+  sft       denoising score matching in the network's native prediction type on real latents (FastGen's SFT)
+  kd        regression onto teacher ODE solutions from --make_pairs (Luhman & Luhman 2021)
+  dmd2      distribution matching: VSD gradient from teacher and fake score, GAN heads on teacher features (Yin et al.
+            2024); critic steps (fake score, heads) between generator steps. Flux-dev's guidance is its embedded input
+            (no CFG); SD1.5/SDXL teachers use classifier-free guidance
+  fdistill  DMD2 with per-sample f-divergence weights from the heads' density-ratio estimate (Xu et al. 2025)
+  ladd      adversarial only: heads on teacher features of noised student and real latents (Sauer et al. 2024)
+
+Data. --prompts FILE: one prompt per line (data-free methods: dmd2/fdistill with a 1-step student). --data DIR: real
+latents for sft, ladd's real branch, the GAN heads and few-step dmd2 students, either
+  * a folder of images (png/jpg/webp), each with an optional caption NAME.txt beside it: centre-cropped to
+    --resolution, encoded once by the family's VAE (posterior mean) and cached in --out_dir/latents/, or
+  * precomputed latents: *.safetensors shards, each with a `latents` tensor (N, C, h, w), already normalised as the
+    denoiser sees them ((z - shift) * scale), and the N captions as a JSON list in the metadata key `prompts`.
+--pairs DIR: teacher pairs written by --make_pairs N (shards of states, x0 and prompts; LADD's paper trains on such
+teacher samples, and so does ladd here when no --data is given). Prompt embeddings are cached once per prompt
+(encoders.cached_embeddings). --tiny with neither: the tiny teacher's pairs on built-in prompts, made on the fly.
+
+Outputs in --out_dir: metrics.jsonl, samples/step_NNNNNNN.png (decoded through the VAE), checkpoints ckpt_NNNNNNN/
+(student.safetensors, ema_*.safetensors, fake_score.safetensors and discriminator.safetensors where the method has
+them, state.pt with optimizer state, args.json). --resume continues from the newest checkpoint exactly.
+"""
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from encoders import TextEncoder, cached_embeddings
+from models import autoencoder_kl, flux, sd15, sdxl
+from sample import image_grid, to_uint8
+
+# family -> (model file, network class, pretrained name, text encoder repo, VAE preset, image side in px)
+FAMILIES = {
+    "flux": (flux, flux.FluxModel, "flux-dev", "black-forest-labs/FLUX.1-dev", "flux", 512),
+    "sd15": (sd15, sd15.UNet, "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd15", 512),
+    "sdxl": (sdxl, sdxl.UNet, "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 1024),
+}
+TINY_PROMPTS = ["a red disc", "an orange ring", "a yellow square", "a green triangle", "a blue plus", "a purple star",
+                "a grey square on white", "a small red ring"]  # fmt: skip
+TINY_TOKENS = 32
+
+# Named presets: FastGen's Flux / SD1.5 / SDXL experiment configs (reference/methods.md §7.1, §7.3, §7.9) as flag
+# defaults. Batch sizes are global; micro_batch is FastGen's per-GPU batch.
+PRESETS = {
+    "dmd2-flux": dict(model="flux", method="dmd2", lr=1e-5, critic_lr=1e-5, resolution=512, gan_weight=0.03, gan_same_t_noise=True, guidance=3.5, precision="bf16", student_steps=4, t_sampler="uniform", t_min=0.001, t_max=0.999, micro_batch=2, batch_size=16, max_steps=5000, student_update_freq=5, fsdp=True, grad_ckpt=True, ema=""),
+    "sft-flux": dict(model="flux", method="sft", lr=1e-5, resolution=512, guidance=3.5, precision="bf16", t_sampler="uniform", t_min=0.001, t_max=0.999, micro_batch=4, batch_size=128, max_steps=10_000, fsdp=True, grad_ckpt=True, ema="", eval_steps=50),
+    "dmd2-sd15": dict(model="sd15", method="dmd2", lr=1e-5, critic_lr=1e-5, resolution=512, gan_weight=1e-3, guidance=1.75, precision="bf16", student_steps=1, t_sampler="uniform", t_min=1.0, t_max=999.0, batch_size=2048, max_steps=100_000, student_update_freq=10),
+    "sft-sd15": dict(model="sd15", method="sft", lr=1e-5, resolution=512, guidance=7.5, cond_dropout=0.1, precision="bf16", t_sampler="uniform", t_min=1.0, t_max=999.0, batch_size=256, max_steps=100_000, eval_steps=50),
+    "dmd2-sdxl": dict(model="sdxl", method="dmd2", lr=5e-5, critic_lr=5e-5, resolution=1024, gan_weight=5e-3, guidance=8.0, precision="bf16", student_steps=1, t_sampler="uniform", t_min=1.0, t_max=999.0, micro_batch=6, batch_size=48, max_steps=25_000, student_update_freq=5, fsdp=True, grad_ckpt=True),
+    "kd-sdxl": dict(model="sdxl", method="kd", lr=1e-5, resolution=1024, guidance=8.0, precision="bf16", student_steps=1, micro_batch=16, batch_size=128, max_steps=6000, pairs="pairs/sdxl"),
+}  # fmt: skip
+
+# fmt: off
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="presets (flag defaults; explicit flags win):\n" + "\n".join(f"  {k:10s} {' '.join(f'--{a}={v}' for a, v in p.items())}" for k, p in PRESETS.items()))
+parser.add_argument("--preset", choices=sorted(PRESETS), default="", help="named flag defaults (see below)")
+parser.add_argument("--method", choices=["sft", "kd", "dmd2", "fdistill", "ladd"], default="dmd2")
+# models and data
+parser.add_argument("--model", choices=sorted(FAMILIES), default="flux", help="the family: FLUX.1, SD1.5 or SDXL")
+parser.add_argument("--teacher", default="", help="CONFIGS name, Hub repo, local folder, or a .safetensors this script saved: the pretrained denoiser (default: the family's release)")  # fmt: skip
+parser.add_argument("--text_encoder", default="", help="Hub repo or local pipeline folder of the text encoders (default: the family's release)")  # fmt: skip
+parser.add_argument("--vae", default="", help="models/autoencoder_kl.py preset, Hub repo or folder (default: the family's)")
+parser.add_argument("--prompts", default="", help="text file, one prompt per line (data-free methods; captions of --data otherwise)")  # fmt: skip
+parser.add_argument("--data", default="", help="folder of images (+ NAME.txt captions) or of latent shards (see above)")
+parser.add_argument("--pairs", default="", help="kd (and --make_pairs): directory of teacher pairs")
+parser.add_argument("--make_pairs", type=int, default=0, metavar="N", help="write N teacher pairs to --pairs and exit (resumable)")  # fmt: skip
+parser.add_argument("--pair_states", type=int, default=4, help="--make_pairs: trajectory states kept, at t_list(P) (4 serves 1, 2 and 4-step students)")  # fmt: skip
+parser.add_argument("--teacher_steps", type=int, default=28, help="teacher sampling steps for pairs and the teacher reference")  # fmt: skip
+parser.add_argument("--resolution", type=int, default=0, help="image side in pixels (default: the family's; latents are 1/8)")
+parser.add_argument("--tiny", action="store_true", help="tiny random networks, encoders and VAE: checks the code path in seconds")
+# optimisation and scale
+parser.add_argument("--batch_size", type=int, default=8, help="global batch; gradient accumulation makes up the rest")
+parser.add_argument("--micro_batch", type=int, default=0, help="per-process batch per forward (0 = batch_size / world)")
+parser.add_argument("--max_steps", type=int, default=1000)
+parser.add_argument("--lr", type=float, default=1e-5, help="student lr (AdamW, constant, as FastGen's configs)")
+parser.add_argument("--critic_lr", type=float, default=0.0, help="lr of the fake score and the GAN heads (0 = --lr)")
+parser.add_argument("--beta1", type=float, default=0.9)
+parser.add_argument("--beta2", type=float, default=0.999)
+parser.add_argument("--weight_decay", type=float, default=0.01)
+parser.add_argument("--grad_clip", type=float, default=10.0, help="max gradient norm of the student (the critic is not clipped)")
+parser.add_argument("--ema", default="0.9999", help="comma list of EMA rates of the student ('' = none)")
+parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="compute dtype (weights and optimizer state stay fp32)")  # fmt: skip
+parser.add_argument("--fsdp", action="store_true", help="FSDP2: shard every network per block (meta-device init, weights broadcast from rank 0)")  # fmt: skip
+parser.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of every transformer / UNet block")
+# noise levels and method knobs
+parser.add_argument("--t_sampler", choices=["uniform", "logitnormal"], default="uniform", help="training-time t")
+parser.add_argument("--t_min", type=float, default=None, help="default: flux 0.001, sd15/sdxl timestep 1")
+parser.add_argument("--t_max", type=float, default=None, help="default: flux 0.999, sd15/sdxl timestep 999")
+parser.add_argument("--p_mean", type=float, default=0.0, help="logitnormal location")
+parser.add_argument("--p_std", type=float, default=1.0, help="logitnormal scale")
+parser.add_argument("--guidance", type=float, default=None, help="flux: the embedded guidance input (default 3.5); sd15/sdxl: classifier-free guidance of the teacher (default 1 = off)")  # fmt: skip
+parser.add_argument("--cond_dropout", type=float, default=0.0, help="sft: share of samples trained on the empty prompt (enables CFG)")  # fmt: skip
+parser.add_argument("--student_steps", type=int, default=1, help="sampling steps of the student on t_list(K)")
+parser.add_argument("--student_update_freq", type=int, default=5, help="dmd2/fdistill/ladd: a generator step every N steps, critic steps between")  # fmt: skip
+parser.add_argument("--gan_weight", type=float, default=0.03, help="dmd2/fdistill: weight of the generator's GAN loss (0 = no heads)")  # fmt: skip
+parser.add_argument("--disc_features", default="", help="teacher blocks the GAN heads read, e.g. 14,28 (default: flux the middle block, sd the mid block)")  # fmt: skip
+parser.add_argument("--gan_same_t_noise", action="store_true", help="noise real latents with the fake sample's t and noise")
+parser.add_argument("--r1_weight", type=float, default=0.0, help="approximate R1 weight (APT; 0.1 in FastGen's Wan LADD)")
+parser.add_argument("--r1_alpha", type=float, default=0.1, help="scale of the R1 perturbation")
+parser.add_argument("--f_div", choices=["rkl", "kl", "js", "sf", "neyman", "sh", "jf"], default="js", help="fdistill: the f-divergence")  # fmt: skip
+parser.add_argument("--ratio_lower", type=float, default=0.1, help="fdistill: density-ratio clip")
+parser.add_argument("--ratio_upper", type=float, default=20.0)
+parser.add_argument("--ratio_bins", type=int, default=10, help="fdistill: t-bins normalising the ratio (0 = off)")
+parser.add_argument("--ratio_ema", type=float, default=0.0, help="fdistill: EMA rate of the per-bin ratio means")
+# evaluation, checkpoints, logging
+parser.add_argument("--eval_every", type=int, default=500, help="sample grid and distance to the teacher every N steps")
+parser.add_argument("--eval_n", type=int, default=16, help="fixed noise/prompt pairs of the grid and the teacher distance")
+parser.add_argument("--eval_steps", type=int, default=0, help="student sampling steps of the grid (0 = --student_steps)")
+parser.add_argument("--save_every", type=int, default=1000)
+parser.add_argument("--out_dir", default="out/train_flux")
+parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out_dir")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+parser.add_argument("--wandb", default="", help="also log to this wandb project (if wandb is installed)")
+# fmt: on
+DEFAULTS = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+
+
+def parse_args(argv=None):
+    """Flags over the preset over argparse defaults, then the family's defaults for what is left unset."""
+    parser.set_defaults(**DEFAULTS)  # a clean slate when called more than once in a process (tests)
+    known = parser.parse_known_args(argv)[0]
+    if known.preset:
+        parser.set_defaults(**PRESETS[known.preset])
+    args = parser.parse_args(argv)
+    sd = args.model != "flux"
+    args.t_min = (1.0 if sd else 0.001) if args.t_min is None else args.t_min
+    args.t_max = (999.0 if sd else 0.999) if args.t_max is None else args.t_max
+    args.guidance = (1.0 if sd else flux.DEFAULT_GUIDANCE) if args.guidance is None else args.guidance
+    if args.tiny:  # the same code path at CPU size
+        args.batch_size, args.resolution = min(args.batch_size, 8), 16
+    return args
+
+
+# ----------------------------------------------------------------------------
+# Randomness: every draw is a fixed function of (seed, step, micro-batch), so --resume is exact and the global batch
+# is the same however it is split over processes and accumulation rounds.
+
+
+def rng_seed(*parts):
+    """A seed that is a fixed function of integers (Python's hash() of strings changes from run to run)."""
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + p) % 2**63
+    return seed
+
+
+def bcast(t, x):
+    """(B,) -> (B, 1, 1, 1) in float64."""
+    return t.double().reshape(-1, *([1] * (x.ndim - 1)))
+
+
+# ----------------------------------------------------------------------------
+# The family's networks behind one call: x0 predictions from the native output (flow for Flux, eps for SD), and the
+# forward process x_t = alpha(t) x0 + sigma(t) eps, time math in float64 (the conversions divide by alpha and sigma).
+
+
+def denoise(module, net, x, t, cond, feature_indices=()):
+    """The network's x0 prediction at (x, t) under conditioning `cond` (its keyword arguments); with
+    `feature_indices` also the teacher features for GAN heads."""
+    out = net(x, t, **cond, feature_indices=feature_indices)
+    out, features = out if len(feature_indices) else (out, None)
+    x0 = module.to_x0(x, out, t, module.PRED_TYPE)
+    return (x0, features) if len(feature_indices) else x0
+
+
+def features(net, x, t, cond, indices):
+    """The teacher's feature maps at blocks `indices`, without running the blocks after the last of them."""
+    return net(x, t, **cond, feature_indices=indices, features_only=True)
+
+
+def noised(module, x0, eps, t):
+    """alpha(t) x0 + sigma(t) eps, in float64, cast back."""
+    tb = bcast(t, x0)
+    return (module.alpha(tb) * x0.double() + module.sigma(tb) * eps.double()).to(x0.dtype)
+
+
+def sample_t(n, args, module, device):
+    return module.sample_t(n, kind=args.t_sampler, p_mean=args.p_mean, p_std=args.p_std, t_min=args.t_min, t_max=args.t_max).to(device)  # fmt: skip
+
+
+def teacher_x0(module, teacher, x, t, cond, uncond, args):
+    """The teacher's x0 with classifier-free guidance cond + (w - 1)(cond - uncond) in x0 space (SD1.5/SDXL; Flux-dev's
+    guidance is its embedded input instead, as in FastGen's Flux config)."""
+    x0 = denoise(module, teacher, x, t, cond)
+    if args.model != "flux" and args.guidance != 1.0 and uncond is not None:
+        x0 = x0 + (args.guidance - 1) * (x0 - denoise(module, teacher, x, t, uncond))
+    return x0
+
+
+# ----------------------------------------------------------------------------
+# Losses. Each takes the trainable network `net` (DDP- or FSDP-wrapped when distributed), real latents x0 (or None
+# for data-free methods), the conditioning dicts of the batch and of the empty prompt, and returns (loss, logs).
+
+
+def sft_loss(net, x0, cond, uncond, args, module):
+    """Denoising score matching in the network's native prediction type, unweighted (reference/methods.md §4):
+    E ||F(x_t, t) - target||^2 with target = flow eps - x0 (Flux) or eps (SD), x_t = alpha x0 + sigma eps. With
+    --cond_dropout a share of the samples sees the empty prompt, which makes classifier-free guidance possible."""
+    t = sample_t(len(x0), args, module, x0.device)
+    eps = torch.randn_like(x0)
+    x_t = noised(module, x0, eps, t)
+    if args.cond_dropout > 0 and uncond is not None:
+        drop = torch.rand(len(x0), device=x0.device) < args.cond_dropout
+        cond = {k: torch.where(drop.reshape(-1, *[1] * (v.ndim - 1)), uncond[k].expand_as(v), v) for k, v in cond.items()}  # fmt: skip
+    target = module.from_x0(x_t.double(), x0.double(), t, module.PRED_TYPE)
+    return (net(x_t, t, **cond).float() - target.float()).square().mean(), {}
+
+
+def kd_loss(net, pairs, cond, args, module):
+    """Knowledge distillation from teacher trajectories: 0.5 ||G(x_k, t_k) - x0_teacher||^2 (Luhman & Luhman 2021).
+    `pairs` (B, P + 1, C, h, w) holds P states of the teacher trajectory at t_list(P) and the teacher's output last;
+    a K-step student starts from the state at one of its own K times, drawn uniformly."""
+    states, target = pairs[:, :-1], pairs[:, -1]
+    K, P = args.student_steps, states.shape[1]
+    times = module.t_list(P).to(pairs.device)
+    pick = torch.randint(K, (len(pairs),), device=pairs.device) * (P // K)
+    x_in = states[torch.arange(len(pairs), device=pairs.device), pick]
+    x0_student = denoise(module, net, x_in, times[pick], cond)
+    return 0.5 * (x0_student.float() - target.float()).square().mean(), {}
+
+
+def student_input(x0, shape, args, module, device):
+    """The generator's input and time: pure noise sigma(t_0) eps at the first t_list time for a one-step student; for
+    K steps a time drawn uniformly from the K non-zero t_list entries and the real batch noised to it (FastGen's
+    few-step DMD2/LADD: students learn on forward-noised data, not on their own trajectories)."""
+    times = module.t_list(args.student_steps).to(device)
+    t_s = times[torch.randint(args.student_steps, (shape[0],), device=device)]
+    eps = torch.randn(shape, device=device)
+    if args.student_steps == 1:
+        return (module.sigma(bcast(t_s, eps)) * eps.double()).float(), t_s
+    return noised(module, x0, eps, t_s), t_s
+
+
+def vsd_loss(g, x_teacher, x_fake, scale=None):
+    """The distribution-matching gradient (DMD Eq. 7) as a regression onto a fixed target: grad = w (D_fake - D_real)
+    with the per-sample normaliser w = 1 / mean|g - D_real| (DMD Eq. 8), times `scale` (f-distill's h); then
+    0.5 ||g - sg(g - grad)||^2 has gradient grad / numel with respect to g. Weights in float32."""
+    with torch.no_grad():
+        w = 1 / ((g.float() - x_teacher.float()).abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-6)
+        if scale is not None:
+            w = w * scale.float().reshape(-1, 1, 1, 1)
+        target = g.float() - w * (x_fake.float() - x_teacher.float())
+    return 0.5 * (g.float() - target).square().mean()
+
+
+# f-distill's weight h(r) of the density ratio r = p_data / p_student for each f-divergence (f-distill Table 1).
+F_WEIGHTS = {
+    "rkl": lambda r: torch.ones_like(r),
+    "kl": lambda r: r,
+    "js": lambda r: 1 - 1 / (1 + r),
+    "sf": lambda r: 1 / (1 + r),
+    "neyman": lambda r: 1 / r.clamp(min=1e-8),
+    "sh": lambda r: r.sqrt(),
+    "jf": lambda r: 1 + r,
+}
+
+
+def all_reduce_sum(x):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def f_weights(logits, t, bins, args):
+    """f-distill (Xu et al. 2025, Sec. 4): the density ratio from the discriminator, r = exp(logit) clipped to
+    [ratio_lower, ratio_upper]; divided by its running mean in linear t-bins over [t_min, t_max]; h = f_weight(r),
+    normalised to mean one over the global batch. `bins` (ratio_bins,) is updated in place."""
+    with torch.no_grad():
+        r = logits.float().mean(dim=1).clamp(-10, 10).exp().clamp(args.ratio_lower, args.ratio_upper)
+        if args.ratio_bins:
+            index = ((t.float() - args.t_min) / (args.t_max - args.t_min) * args.ratio_bins).long().clamp(0, args.ratio_bins - 1)  # fmt: skip
+            counts = all_reduce_sum(torch.zeros(args.ratio_bins, device=r.device).index_add_(0, index, torch.ones_like(r)))  # fmt: skip
+            sums = all_reduce_sum(torch.zeros(args.ratio_bins, device=r.device).index_add_(0, index, r))
+            seen = counts > 0
+            bins[seen] = args.ratio_ema * bins[seen] + (1 - args.ratio_ema) * sums[seen] / counts[seen]
+            r = r / (bins[index] + 1e-6)
+        h = F_WEIGHTS[args.f_div](r)
+        total = all_reduce_sum(torch.stack([h.sum(), torch.tensor(float(len(h)), device=h.device)]))
+        return h / (total[0] / total[1] + 1e-6), r
+
+
+def dmd2_generator_loss(net, teacher, fake, disc, x0, shape, cond, uncond, args, module, bins=None):
+    """DMD2's generator step (DMD2 Eq. 2 + Sec. 4.3): the VSD loss between the (guided) teacher's and the fake score's
+    x0 predictions at a noised student sample, plus the non-saturating GAN loss softplus(-D) on teacher features;
+    f-distill scales the per-sample VSD weight by h(r) (f-distill Eq. 9)."""
+    device = next(iter(cond.values())).device
+    x_in, t_s = student_input(x0, shape, args, module, device)
+    g = denoise(module, net, x_in, t_s, cond)
+    t = sample_t(shape[0], args, module, device)
+    x_t = noised(module, g, torch.randn_like(g), t)
+    with torch.no_grad():
+        x_fake = denoise(module, fake, x_t, t, cond)
+    logs, loss_gan, logits = {}, g.new_zeros(()), None
+    if disc is not None:  # the GAN gradient flows through the frozen teacher into x_t and g
+        x_teacher, maps = denoise(module, teacher, x_t, t, cond, feature_indices=disc_indices(disc))
+        logits = disc(maps)
+        loss_gan = F.softplus(-logits.float()).mean()
+        logs["gan_loss_gen"] = loss_gan.item()
+    else:
+        with torch.no_grad():
+            x_teacher = denoise(module, teacher, x_t, t, cond)
+    x_teacher = x_teacher.detach()
+    if args.model != "flux" and args.guidance != 1.0:  # classifier-free guidance on the teacher's x0
+        with torch.no_grad():
+            x_teacher = x_teacher + (args.guidance - 1) * (x_teacher - denoise(module, teacher, x_t, t, uncond))
+    scale = None
+    if args.method == "fdistill":
+        scale, ratio = f_weights(logits, t, bins, args)
+        logs |= {"h_min": scale.min().item(), "h_mean": scale.mean().item(), "h_max": scale.max().item(), "ratio_mean": ratio.mean().item()}  # fmt: skip
+    loss_vsd = vsd_loss(g, x_teacher, x_fake, scale)
+    logs["vsd_loss"] = loss_vsd.item()
+    return loss_vsd + args.gan_weight * loss_gan, logs
+
+
+def ladd_generator_loss(net, teacher, disc, x0, shape, cond, args, module):
+    """LADD's generator step (Sauer et al. 2024, Eq. 2): the non-saturating GAN loss softplus(-D) on the frozen
+    teacher's features of the noised student sample; no score terms, no guidance."""
+    device = next(iter(cond.values())).device
+    x_in, t_s = student_input(x0, shape, args, module, device)
+    g = denoise(module, net, x_in, t_s, cond)
+    t = sample_t(shape[0], args, module, device)
+    x_t = noised(module, g, torch.randn_like(g), t)
+    loss = F.softplus(-disc(features(teacher, x_t, t, cond, disc_indices(disc))).float()).mean()
+    return loss, {"gan_loss_gen": loss.item()}
+
+
+def critic_loss(student, teacher, fake_net, disc_net, x0, shape, cond, args, module):
+    """The critic step of DMD2 / f-distill / LADD. The fake score (absent in LADD) learns the student's distribution by
+    denoising score matching on student samples in x0 space (FastGen's fake_score_pred_type x0), and the GAN heads
+    learn to tell noised real latents from noised student samples, softplus(D(fake)) + softplus(-D(real)); optional
+    approximate R1: the heads' logits should not change when the clean real latents move by r1_alpha n (APT)."""
+    device = next(iter(cond.values())).device
+    with torch.no_grad():
+        x_in, t_s = student_input(x0, shape, args, module, device)
+        g = denoise(module, student, x_in, t_s, cond)
+    t = sample_t(shape[0], args, module, device)
+    eps = torch.randn_like(g)
+    x_t = noised(module, g, eps, t)
+    logs, loss = {}, g.new_zeros((), dtype=torch.float32)
+    if fake_net is not None:
+        loss_fake = (denoise(module, fake_net, x_t, t, cond).float() - g.float()).square().mean()
+        logs["fake_score_loss"] = loss_fake.item()
+        loss = loss + loss_fake
+    if disc_net is None:
+        return loss, logs
+    if args.gan_same_t_noise:
+        t_real, eps_real = t, eps
+    else:
+        t_real, eps_real = sample_t(shape[0], args, module, device), torch.randn_like(x0)
+    x_real = noised(module, x0, eps_real, t_real)
+    indices = disc_indices(disc_net)
+    with torch.no_grad():
+        maps = [features(teacher, x_t, t, cond, indices), features(teacher, x_real, t_real, cond, indices)]  # fmt: skip
+        if args.r1_weight > 0:
+            x_perturbed = noised(module, x0 + args.r1_alpha * torch.randn_like(x0), eps_real, t_real)
+            maps.append(features(teacher, x_perturbed, t_real, cond, indices))
+    # One pass of the heads over [fake; real; perturbed real], so that DDP sees a single forward per step.
+    logits = disc_net([torch.cat(m) for m in zip(*maps)]).float().chunk(len(maps))
+    loss_disc = F.softplus(logits[0]).mean() + F.softplus(-logits[1]).mean()
+    logs["gan_loss_disc"] = loss_disc.item()
+    loss = loss + loss_disc
+    if args.r1_weight > 0:
+        loss_r1 = (logits[1] - logits[2]).square().mean()
+        logs["gan_loss_r1"] = loss_r1.item()
+        loss = loss + args.r1_weight * loss_r1
+    return loss, logs
+
+
+# ----------------------------------------------------------------------------
+# GAN heads on frozen teacher features (reference/methods.md §3). Flux taps are a block's image tokens as a 2-D map
+# (B, width, h / 2, w / 2); SD taps are UNet block outputs (B, C, h', w').
+
+
+def group_norm(channels):
+    """GroupNorm with the largest divisor of C that is at most 32 groups (C // 4 groups for narrow maps)."""
+    if channels <= 32:
+        return nn.GroupNorm(max(channels // 4, 1), channels)
+    return nn.GroupNorm(max(g for g in range(1, 33) if channels % g == 0), channels)
+
+
+class Discriminator(nn.Module):
+    """One head per feature map, logits (B, heads).
+
+    'dit' (FastGen's Discriminator_ImageDiT, for Flux): 4x4 stride-2 conv C -> C/2, GroupNorm, LeakyReLU(0.2), 1x1 conv
+    to one channel, global average pool. 'unet' (Discriminator_SD15/SDXL, the EDM heads): 4x4 stride-2 convs down to
+    4x4, a 4x4 stride-4 conv to 1x1, GroupNorm + SiLU after each, then a 1x1 conv to one logit."""
+
+    def __init__(self, indices, shapes, kind):
+        super().__init__()
+        self.indices = tuple(indices)  # which teacher blocks the heads read, in order
+        self.heads = nn.ModuleList()
+        for channels, size in shapes:
+            if kind == "dit":
+                layers = [nn.Conv2d(channels, channels // 2, 4, 2, 1), group_norm(channels // 2), nn.LeakyReLU(0.2),
+                          nn.Conv2d(channels // 2, 1, 1), nn.AdaptiveAvgPool2d(1)]  # fmt: skip
+            else:
+                layers = []
+                while size > 4:
+                    layers += [nn.Conv2d(channels, channels, 4, 2, 1), group_norm(channels), nn.SiLU()]
+                    size //= 2
+                layers += [nn.Conv2d(channels, channels, size, size), group_norm(channels), nn.SiLU(), nn.Conv2d(channels, 1, 1)]  # fmt: skip
+            self.heads.append(nn.Sequential(*layers))
+
+    def forward(self, maps):
+        return torch.cat([head(f).flatten(1) for head, f in zip(self.heads, maps)], dim=1)
+
+
+def disc_indices(disc):
+    return disc.module.indices if isinstance(disc, DDP) else disc.indices
+
+
+# ----------------------------------------------------------------------------
+# Data: prompt embeddings, real latents, teacher pairs.
+
+
+def text_encoder(args, cfg):
+    """The family's text encoders; --tiny: random ones whose widths match the tiny denoiser."""
+    if not args.tiny:
+        return TextEncoder(args.model, args.text_encoder or FAMILIES[args.model][3], device="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+    if args.model == "flux":
+        widths = {"clip": cfg.pooled_projection_dim, "t5": cfg.joint_attention_dim}
+    elif args.model == "sd15":
+        widths = {"clip": cfg.cross_attention_dim}
+    else:  # SDXL's text is [CLIP-L; bigG] states, its pooled input bigG's projection beside 6 micro-conditions
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        widths = {"clip": cfg.cross_attention_dim - pooled, "clip2": pooled}
+    return TextEncoder(args.model, tiny=widths)
+
+
+def make_vae(args, latent_channels):
+    if args.tiny:
+        torch.manual_seed(rng_seed(args.seed, 5))
+        return autoencoder_kl.AutoencoderKL(replace(autoencoder_kl.CONFIGS["tiny"], latent_channels=latent_channels)).eval()  # fmt: skip
+    return autoencoder_kl.from_pretrained(args.vae or FAMILIES[args.model][4])
+
+
+def read_latent_shards(folder):
+    """Latent shards (*.safetensors with `latents` (N, C, h, w) and metadata `prompts`): (latents, prompts)."""
+    from safetensors import safe_open
+
+    latents, prompts = [], []
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(folder, name), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "latents" not in f.keys() or "prompts" not in meta:
+                raise ValueError(f"{name} in {folder}: a latent shard needs a `latents` tensor and `prompts` metadata")
+            latents.append(f.get_tensor("latents").float())
+        prompts += json.loads(meta["prompts"])
+        if len(prompts) != sum(len(x) for x in latents):
+            raise ValueError(f"{name} in {folder}: {len(latents[-1])} latents but a different number of prompts")
+    return torch.cat(latents), prompts
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def encode_images(args, folder, cache, vae, master):
+    """Encode a folder of images once (centre crop, resize to --resolution, the VAE's posterior mean) into latent
+    shards in `cache`; captions from NAME.txt beside each image (empty if absent)."""
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if master and not os.path.exists(os.path.join(cache, "done")):
+        os.makedirs(cache, exist_ok=True)
+        for start in tqdm(range(0, len(names), 1000), desc="encoding images", unit="shard"):
+            images, prompts = [], []
+            for name in names[start : start + 1000]:
+                img = Image.open(os.path.join(folder, name)).convert("RGB")
+                side = min(img.size)
+                left, top = (img.width - side) // 2, (img.height - side) // 2
+                img = img.crop((left, top, left + side, top + side)).resize((args.resolution,) * 2, Image.BICUBIC)
+                images.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 127.5 - 1)
+                caption = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
+                prompts.append(open(caption).read().strip() if os.path.exists(caption) else "")
+            with torch.no_grad():
+                device = next(vae.parameters()).device
+                latents = torch.cat(
+                    [vae.encode(x.to(device), sample=False).cpu() for x in torch.stack(images).split(16)]
+                )
+            path = os.path.join(cache, f"shard_{start // 1000:05d}.safetensors")
+            save_file({"latents": latents.contiguous()}, path + ".tmp", metadata={"prompts": json.dumps(prompts)})
+            os.replace(path + ".tmp", path)
+        open(os.path.join(cache, "done"), "w").close()
+    if dist.is_initialized():
+        dist.barrier()
+    return read_latent_shards(cache)
+
+
+def read_pairs(folder, student_steps):
+    """Teacher pairs written by --make_pairs: (B, P + 1, C, h, w) with the P stored states and the output, and prompts."""
+    index_file = os.path.join(folder, "pairs.json")
+    if not folder or not os.path.exists(index_file):
+        raise SystemExit(f"error: {index_file or '--pairs'} not found; write teacher pairs with --make_pairs N --pairs DIR first")  # fmt: skip
+    with open(index_file) as f:
+        meta = json.load(f)
+    shards = [load_file(os.path.join(folder, name)) for name in meta["shards"]]
+    if not shards:
+        raise SystemExit(f"error: {folder} holds no pairs; rerun the --make_pairs command to finish it")
+    states = torch.cat([s["states"] for s in shards])
+    pairs = torch.cat([states, torch.cat([s["x0"] for s in shards]).unsqueeze(1)], dim=1)
+    if states.shape[1] % student_steps:
+        raise SystemExit(f"error: pairs hold {states.shape[1]} trajectory states; a {student_steps}-step student needs a divisor of it")  # fmt: skip
+    return pairs, [p for name in meta["shards"] for p in meta["prompts"][name]]
+
+
+@torch.no_grad()
+def teacher_sample(module, teacher, noise, cond, uncond, args, steps, keep_states=0):
+    """The teacher's sampler: DDIM from sigma(t_0) noise over t_list(P) with each of the P segments cut into
+    steps / P equal parts (on the rectified flow of Flux this is exactly Euler on the flow); x_next = alpha' x0 +
+    sigma' eps_hat with eps_hat = (x - alpha x0) / sigma. Returns the output and the states at t_list(P)."""
+    P = max(keep_states, 1)
+    knots = module.t_list(P)
+    times = torch.cat([torch.linspace(float(a), float(b), steps // P + 1, dtype=torch.float64)[:-1] for a, b in zip(knots[:-1], knots[1:])] + [knots[-1:]])  # fmt: skip
+    x = (module.sigma(times[0]) * noise.double()).to(noise.dtype)
+    states = []
+    for i in range(len(times) - 1):
+        if keep_states and i % (steps // P) == 0:
+            states.append(x)
+        t = times[i].expand(len(x)).to(x.device)
+        x0 = teacher_x0(module, teacher, x, t, cond, uncond, args).double()
+        if times[i + 1] > 0:
+            eps_hat = (x.double() - module.alpha(times[i]) * x0) / module.sigma(times[i])
+            x = (module.alpha(times[i + 1]) * x0 + module.sigma(times[i + 1]) * eps_hat).to(noise.dtype)
+        else:
+            x = x0.to(noise.dtype)
+    return x, states
+
+
+def make_pairs(args, module, teacher, embed, prompts, latent_shape, device, rank, world, n, shard_size=64):
+    """Write n teacher pairs to --pairs as shards of shard_size (states at t_list(P), outputs, prompts). Shard k uses
+    noise seeded by k and the prompts k * shard_size + i (cycling through `prompts`), so an interrupted run resumes
+    where it stopped and any number of processes produce the same pairs."""
+    os.makedirs(args.pairs, exist_ok=True)
+    settings = {"model": args.model, "teacher": args.teacher, "guidance": args.guidance, "steps": args.teacher_steps, "states": args.pair_states, "shape": list(latent_shape), "seed": args.seed}  # fmt: skip
+    index_file = os.path.join(args.pairs, "pairs.json")
+    if os.path.exists(index_file):
+        with open(index_file) as f:
+            if (old := json.load(f)["settings"]) != settings:
+                raise SystemExit(f"error: {args.pairs} holds pairs made with other settings ({old}); choose another --pairs DIR")  # fmt: skip
+    shards = [f"shard_{k:05d}.safetensors" for k in range(math.ceil(n / shard_size))]
+    shard_prompts = {name: [prompts[i % len(prompts)] for i in range(k * shard_size, min(n, (k + 1) * shard_size))] for k, name in enumerate(shards)}  # fmt: skip
+    # Every process works on every shard, on its share of the rows (padded to equal shares): under FSDP each teacher
+    # forward is a collective, so all processes must run the same number of them.
+    for k in tqdm(range(len(shards)), disable=rank != 0, desc="teacher pairs", unit="shard"):
+        path = os.path.join(args.pairs, shards[k])
+        done = torch.tensor(float(rank == 0 and os.path.exists(path)), device=device)
+        if all_reduce_sum(done) > 0:
+            continue
+        ids = embed.ids(shard_prompts[shards[k]])
+        noise = torch.randn(len(ids), *latent_shape, generator=torch.Generator().manual_seed(rng_seed(args.seed, 7, k)))
+        share = math.ceil(len(ids) / world)
+        rows = torch.arange(rank * share, (rank + 1) * share).clamp(max=len(ids) - 1)
+        x0s, states = [], []
+        for chunk in rows.split(8):
+            uncond = embed(embed.ids([""] * len(chunk)), device)
+            x0, s = teacher_sample(module, teacher, noise[chunk].to(device), embed(ids[chunk], device), uncond, args, args.teacher_steps, args.pair_states)  # fmt: skip
+            x0s.append(x0.float())
+            states.append(torch.stack(s, dim=1).float())
+        x0, states = torch.cat(x0s), torch.cat(states)
+        if world > 1:
+            x0s, all_states = [torch.empty_like(x0) for _ in range(world)], [torch.empty_like(states) for _ in range(world)]  # fmt: skip
+            dist.all_gather(x0s, x0)
+            dist.all_gather(all_states, states)
+            x0, states = torch.cat(x0s)[: len(ids)], torch.cat(all_states)[: len(ids)]
+        if rank == 0:
+            save_file({"x0": x0.cpu().contiguous(), "states": states.cpu().contiguous()}, path + ".tmp")
+            os.replace(path + ".tmp", path)
+    if rank == 0:
+        with open(index_file + ".tmp", "w") as f:
+            json.dump({"settings": settings, "shards": shards, "prompts": shard_prompts}, f)
+        os.replace(index_file + ".tmp", index_file)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Embeddings:
+    """The prompt table: every prompt the run uses, embedded once (and cached on disk); embed(ids) -> conditioning."""
+
+    def __init__(self, args, cfg, prompts, cache_dir, master):
+        self.args, self.cfg, self.prompts = args, cfg, list(dict.fromkeys(prompts + [""]))  # "" = the unconditional
+        self.index = {p: i for i, p in enumerate(self.prompts)}
+        if master:
+            cached_embeddings(text_encoder(args, cfg), self.prompts, cache_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        self.table = cached_embeddings(text_encoder(args, cfg), self.prompts, cache_dir)  # read back from the cache
+        if args.tiny:  # the built-in prompts are short: keep their first tokens, not 512 (T5) or 77 (CLIP) of padding
+            self.table = {k: v[:, :TINY_TOKENS] if k.startswith("text") else v for k, v in self.table.items()}
+
+    def ids(self, prompts):
+        return torch.tensor([self.index[p] for p in prompts])
+
+    def __call__(self, ids, device):
+        """The network's keyword arguments for the prompts `ids` (B,): text (+ pooled, text_mask, guidance, time_ids)."""
+        cond = {k: v[ids].to(device) for k, v in self.table.items()}
+        B = len(ids)
+        if self.args.model == "flux" and self.cfg.guidance_embeds:
+            cond["guidance"] = torch.full((B,), self.args.guidance, device=device)
+        if self.args.model == "sdxl":  # FastGen fixes SDXL's micro-conditioning at 1024 px, uncropped
+            cond["time_ids"] = sdxl.add_time_ids(batch=B, device=device)
+        return cond
+
+
+def make_data(args, embed_prompts, latents, prompts, pairs, pair_prompts):
+    """A function (step, shard, n) -> (x0 or pairs or None, prompt ids), a pure function of its arguments."""
+
+    def batch(step, shard, n):
+        g = torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 0))
+        if args.method == "kd":
+            index = torch.randint(len(pairs), (n,), generator=g)
+            return pairs[index], pair_prompts[index]
+        if latents is not None:
+            index = torch.randint(len(latents), (n,), generator=g)
+            return latents[index], prompts[index]
+        return None, torch.randint(len(embed_prompts), (n,), generator=g)
+
+    return batch
+
+
+# ----------------------------------------------------------------------------
+# Scale: FSDP2 per block (meta-device init, one full state dict broadcast from rank 0), activation checkpointing,
+# bf16 compute.
+
+
+def blocks(net):
+    """The units FSDP2 shards and activation checkpointing recomputes: Flux's transformer blocks, the UNet's blocks."""
+    if isinstance(net, flux.FluxModel):
+        return list(net.transformer_blocks) + list(net.single_transformer_blocks)
+    return list(net.down_blocks) + [net.mid_block] + list(net.up_blocks)
+
+
+def checkpointed(forward):
+    """forward under activation checkpointing. The recomputation gets fresh copies of list arguments: the UNet's up
+    blocks pop their skip tensors off the list they are given."""
+
+    def fresh(*args):
+        return forward(*[list(a) if isinstance(a, list) else a for a in args])
+
+    return functools.partial(torch.utils.checkpoint.checkpoint, fresh, use_reentrant=False)
+
+
+def build_network(Net, cfg, state, args, device, fsdp_policy):
+    """A network holding `state` (the full state dict on rank 0; {} elsewhere under FSDP). Under FSDP it is built on
+    the meta device, sharded per block then at the root, materialised empty and filled by a broadcast from rank 0, so
+    no process but rank 0 ever holds the full weights."""
+    if fsdp_policy is None:
+        net = Net(cfg)
+        net.load_state_dict(state)
+        net = net.to(device)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        with torch.device("meta"):
+            net = Net(cfg)
+        for block in blocks(net):
+            fully_shard(block, mp_policy=fsdp_policy)
+        # The root reshards after forward too: the teacher (and the student in critic steps) run without a backward,
+        # which is where FSDP2 would otherwise reshard the root's parameters.
+        fully_shard(net, mp_policy=fsdp_policy, reshard_after_forward=True)
+        net.to_empty(device=device)
+        set_model_state_dict(
+            net, dict(state), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )  # it rewrites the dict
+    if args.grad_ckpt:  # recompute each block's activations in the backward pass instead of keeping them
+        for block in blocks(net):
+            block.forward = checkpointed(block.forward)
+    return net
+
+
+def full_state(net, fsdp):
+    """The full state dict on the CPU (gathered from the shards under FSDP: every rank must call it)."""
+    if fsdp:
+        return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in (net.module if isinstance(net, DDP) else net).state_dict().items()}
+
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+# ----------------------------------------------------------------------------
+# Sampling, evaluation and checkpoints
+
+
+@torch.no_grad()
+def generate(module, net, noise, cond, steps):
+    """FastGen's student sampler (reference/methods.md §5.2): predict x0 from sigma(t_0) noise, re-noise it to the
+    next t_list time with fresh noise ('sde'), return the last x0."""
+    times = module.t_list(steps)
+    x = (module.sigma(times[0]) * noise.double()).to(noise.dtype)
+    for i in range(steps):
+        t = times[i].expand(len(x)).to(x.device)
+        x0 = denoise(module, net, x, t, cond)
+        if times[i + 1] > 0:
+            x = noised(module, x0, torch.randn_like(x0), times[i + 1].expand(len(x)).to(x.device))
+    return x0.float()
+
+
+def moment_distance(a, b):
+    """Distance between two sets of latents (N, C, h, w) as distributions: squared differences of the per-channel,
+    per-position mean and standard deviation over the set, averaged."""
+    return ((a.mean(0) - b.mean(0)).square().mean() + (a.std(0) - b.std(0)).square().mean()).item()
+
+
+def save_checkpoint(args, step, weights, state, config_json):
+    """ckpt_NNNNNNN/ written as a temporary directory and renamed, so a crash never leaves a half checkpoint.
+    `weights`: name -> full state dict, each saved as NAME.safetensors (the denoiser config in the metadata);
+    `state`: optimizer and other training state for state.pt."""
+    final = os.path.join(args.out_dir, f"ckpt_{step:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, sd in weights.items():
+        meta = {"step": str(step)} | ({"config": config_json} if name != "discriminator" else {})
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, f"{name}.safetensors"), metadata=meta)
+    torch.save(state | {"step": step}, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args) | {"step": step}, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def latest_checkpoint(out_dir):
+    ckpts = sorted(d for d in os.listdir(out_dir) if d.startswith("ckpt_") and not d.endswith(".tmp")) if os.path.isdir(out_dir) else []  # fmt: skip
+    return os.path.join(out_dir, ckpts[-1]) if ckpts else None
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(args):
+    # Distributed setup: torchrun sets these; a plain `python` run is one process.
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    master = rank == 0
+    if master:
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+        print(json.dumps(vars(args)))
+    if args.make_pairs and not args.pairs:
+        raise SystemExit("error: --make_pairs N writes to --pairs DIR; give the directory")
+    file_prompts = TINY_PROMPTS if args.tiny and not args.prompts and not args.data else []
+    if args.prompts:
+        with open(args.prompts) as f:
+            file_prompts = [line.strip() for line in f if line.strip()]
+    if args.make_pairs and not file_prompts:
+        raise SystemExit("error: --make_pairs needs prompts: give --prompts FILE (one prompt per line)")
+    if args.fsdp and not distributed:
+        args.fsdp = False  # one process: nothing to shard
+    module, Net, pretrained, _, _, default_resolution = FAMILIES[args.model]
+    distribution_matching = args.method in ("dmd2", "fdistill")
+    if args.method == "fdistill" and args.gan_weight <= 0:
+        raise SystemExit("error: --method fdistill reads the density ratio off the GAN heads; give --gan_weight > 0")
+
+    # The pretrained denoiser, loaded once (on rank 0 only under FSDP): teacher, student and fake score all start
+    # from it. --tiny: a random tiny network stands in.
+    if args.teacher.endswith(".safetensors"):  # a network this script saved (its config in the metadata)
+        from safetensors import safe_open
+
+        with safe_open(args.teacher, framework="pt") as f:
+            fields = json.loads((f.metadata() or {}).get("config", "null"))
+        if fields is None:
+            raise SystemExit(f"error: {args.teacher} has no config metadata; give a CONFIGS name, Hub repo or folder")
+        cfg = module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        weights = load_file(args.teacher) if master or not args.fsdp else {}
+    elif args.tiny:
+        cfg = module.CONFIGS["tiny"]
+        torch.manual_seed(rng_seed(args.seed, 4))
+        weights = Net(cfg).state_dict()
+    else:
+        if master or not args.fsdp:
+            loaded = module.from_pretrained(args.teacher or pretrained)
+            cfg, weights = loaded.cfg, loaded.state_dict()
+            del loaded
+        else:  # the other ranks only need the architecture; the weights arrive by broadcast
+            cfg, weights = None, {}
+        if args.fsdp:
+            box = [cfg]
+            dist.broadcast_object_list(box, src=0)
+            cfg = box[0]
+    latent_channels = cfg.in_channels // 4 if args.model == "flux" else cfg.in_channels
+    vae_factor = 2 if args.tiny else 8  # the tiny VAE has two levels, the released ones four
+    side = (args.resolution or default_resolution) // vae_factor
+    latent_shape = (latent_channels, side, side)
+
+    fsdp_policy = None
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        compute = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        fsdp_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    teacher = build_network(Net, cfg, weights, args, device, fsdp_policy).eval().requires_grad_(False)
+
+    # Prompts and data. The prompt table holds every prompt: --prompts, the captions of --data, those of the pairs.
+    latents = real_prompts = pair_prompts = None
+    vae = None
+    if args.data:
+        if any(f.endswith(".safetensors") for f in os.listdir(args.data)):
+            latents, real_prompts = read_latent_shards(args.data)
+        else:
+            vae = make_vae(args, latent_channels).to(device)
+            latents, real_prompts = encode_images(args, args.data, os.path.join(args.out_dir, "latents"), vae, master)
+        if tuple(latents.shape[1:]) != latent_shape:
+            raise SystemExit(f"error: --data latents are {tuple(latents.shape[1:])}, the {args.model} student at --resolution {side * vae_factor} needs {latent_shape}")  # fmt: skip
+    needs_real = args.method in ("sft", "ladd") or (distribution_matching and (args.gan_weight > 0 or args.student_steps > 1))  # fmt: skip
+    auto_pairs = args.tiny and not args.pairs and (args.method == "kd" or (needs_real and latents is None))
+    if auto_pairs:
+        args.pairs = os.path.join(args.out_dir, "pairs")
+    pair_prompt_list = TINY_PROMPTS if auto_pairs else file_prompts
+    pairs = names = None
+    if args.method == "kd" and not auto_pairs and not args.make_pairs:  # existing pairs bring their own prompts
+        pairs, names = read_pairs(args.pairs, args.student_steps)
+    embed = Embeddings(args, cfg, file_prompts + (real_prompts or []) + pair_prompt_list + (names or []), os.path.join(args.out_dir, "cache", "text"), master)  # fmt: skip
+    if args.make_pairs or auto_pairs:  # pairs (and LADD-style synthetic real data) from the teacher's sampler
+        make_pairs(args, module, teacher, embed, pair_prompt_list, latent_shape, device, rank, world, args.make_pairs or 32)  # fmt: skip
+        if args.make_pairs:
+            if distributed:
+                dist.destroy_process_group()
+            return None
+    if args.method == "kd" or (auto_pairs and latents is None):
+        if pairs is None:
+            pairs, names = read_pairs(args.pairs, args.student_steps)
+        pair_prompts = embed.ids(names)
+        if args.method != "kd":  # the teacher's outputs serve as the real data
+            latents, real_prompts = pairs[:, -1], names
+    if needs_real and latents is None:
+        raise SystemExit(f"error: --method {args.method} needs real latents: give --data DIR (images or latent shards)")
+    real_ids = embed.ids(real_prompts) if latents is not None else None
+    prompt_ids = embed.ids(file_prompts or real_prompts or [""])
+    batch_fn = make_data(args, prompt_ids, latents, real_ids, pairs, pair_prompts)
+
+    # Networks: the student (trainable, from the teacher), the fake score (dmd2/fdistill) and the GAN heads.
+    student = build_network(Net, cfg, weights, args, device, fsdp_policy).train()
+    fake = disc = None
+    if distribution_matching:
+        fake = build_network(Net, cfg, weights, args, device, fsdp_policy).train()
+    del weights
+    if args.method == "ladd" or (distribution_matching and args.gan_weight > 0):
+        n_blocks = cfg.num_layers + cfg.num_single_layers if args.model == "flux" else len(cfg.block_out_channels) + 1
+        default = n_blocks // 2 if args.model == "flux" else n_blocks - 1  # Flux: the middle block; SD: the mid block
+        indices = [int(i) for i in args.disc_features.split(",")] if args.disc_features else [default]
+        if not all(0 <= i < n_blocks for i in indices):
+            raise SystemExit(f"error: --disc_features {indices} outside the teacher's {n_blocks} blocks")
+        with torch.no_grad():
+            probe = torch.zeros(1, *latent_shape, device=device)
+            maps = features(teacher, probe, torch.full((1,), args.t_max, device=device), embed(embed.ids([""]), device), indices)  # fmt: skip
+        torch.manual_seed(rng_seed(args.seed, 3))
+        disc = Discriminator(indices, [(m.shape[1], m.shape[-1]) for m in maps], "dit" if args.model == "flux" else "unet").to(device).train()  # fmt: skip
+        if args.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(disc)
+    alternating = args.method == "ladd" or distribution_matching  # generator and critic steps take turns
+    emas = {spec: [p.detach().clone() for p in student.parameters()] for spec in args.ema.split(",") if spec}
+    if distributed and not args.fsdp:
+        net = DDP(student, find_unused_parameters=True)
+        fake_net = DDP(fake) if fake is not None else None
+        disc_net = DDP(disc) if disc is not None else None
+    else:
+        net, fake_net, disc_net = student, fake, disc
+    bins = torch.ones(args.ratio_bins, device=device)  # f-distill's per-t-bin density-ratio means
+    if master:
+        print(f"student: {sum(p.numel() for p in student.parameters()):,} parameters ({world} processes), method {args.method}")  # fmt: skip
+
+    def adamw(m, lr):
+        return torch.optim.AdamW(m.parameters(), lr=lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+
+    critic_lr = args.critic_lr or args.lr
+    optimizers = {"optimizer": (student, adamw(student, args.lr))}
+    optimizers |= {f"{name}_optimizer": (m, adamw(m, critic_lr)) for name, m in (("fake_score", fake), ("discriminator", disc)) if m is not None}  # fmt: skip
+    amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    micro = args.micro_batch or max(1, args.batch_size // world)
+    accum = max(1, args.batch_size // (micro * world))
+
+    # What a checkpoint holds: every trained network and the state to continue exactly (the teacher is never saved).
+    trained = {"student": student} | {name: m for name, m in (("fake_score", fake), ("discriminator", disc)) if m is not None}  # fmt: skip
+    names = [name for name, _ in student.named_parameters()]
+    start = 0
+    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
+    full = StateDictOptions(full_state_dict=True, broadcast_from_rank0=args.fsdp)
+    if ckpt:
+        for name, m in trained.items():
+            sd = load_file(os.path.join(ckpt, f"{name}.safetensors")) if master or not args.fsdp else {}
+            if args.fsdp:
+                set_model_state_dict(m, sd, options=full)
+            else:
+                m.load_state_dict(sd)
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu")
+        for name, (m, opt) in optimizers.items():
+            set_optimizer_state_dict(m, opt, state[name], options=StateDictOptions(full_state_dict=True))
+        for spec, params in emas.items():
+            sd = load_file(os.path.join(ckpt, f"ema_{spec}.safetensors"))
+            for p, key in zip(params, names):
+                value = sd[key].to(device)
+                if hasattr(p, "device_mesh"):  # an FSDP2 shard: keep this process's part
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value, p.device_mesh, p.placements)
+                p.copy_(value)
+        bins.copy_(state["ratio_bins"])
+        start = state["step"]
+        if master:
+            print(f"resumed from {ckpt} at step {start}")
+
+    # The fixed evaluation set: noise, prompts, the teacher's many-step outputs on them, and a VAE for the grid.
+    g = torch.Generator().manual_seed(12345)
+    eval_noise = torch.randn(args.eval_n, *latent_shape, generator=g).to(device)
+    eval_prompts = torch.arange(args.eval_n) % len(prompt_ids)
+    eval_cond = embed(prompt_ids[eval_prompts], device)
+    eval_uncond = embed(embed.ids([""] * args.eval_n), device)
+    reference = None
+    if args.eval_every:
+        reference = teacher_sample(module, teacher, eval_noise, eval_cond, eval_uncond, args, args.teacher_steps)[0].float()  # fmt: skip
+        vae = vae or make_vae(args, latent_channels)
+        vae = vae.to(device)
+    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    wandb = None
+    if args.wandb and master:
+        import wandb
+
+        wandb.init(project=args.wandb, config=vars(args))
+
+    def eval_and_log(step):
+        """Every process runs the student (its shards are needed); rank 0 decodes, saves the grid and logs."""
+        torch.manual_seed(rng_seed(args.seed, step, 9))
+        student.eval()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            x = generate(module, student, eval_noise, eval_cond, args.eval_steps or args.student_steps)
+        student.train()
+        if master:
+            with torch.no_grad():
+                images = vae.decode(x.to(next(vae.parameters()).dtype)).float()
+            Image.fromarray(image_grid(to_uint8(images))).save(os.path.join(args.out_dir, "samples", f"step_{step:07d}.png"))  # fmt: skip
+            record = {"step": step, "eval_mse_to_teacher": (x - reference).square().mean().item(), "eval_moments_to_teacher": moment_distance(x, reference)}  # fmt: skip
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    if args.eval_every and start == 0:  # the first evaluation: the student as initialised
+        eval_and_log(0)
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, unit="step")
+    for step in bar:
+        # dmd2/fdistill/ladd alternate: a generator step every student_update_freq steps (counting from 1), critic
+        # steps (fake score and GAN heads) in between. sft and kd update the student at every step.
+        generator_step = not alternating or (step + 1) % args.student_update_freq == 0
+        for critic in (fake, disc):
+            if critic is not None:
+                critic.train(not generator_step).requires_grad_(not generator_step)
+        active = ["optimizer"] if generator_step else [n for n in optimizers if n != "optimizer"]
+        tic, total = time.time(), torch.zeros((), device=device)
+        for m in range(accum):
+            shard = rank * accum + m  # this micro-batch's place in the global batch
+            x0, ids = batch_fn(step, shard, micro)
+            x0 = x0.to(device) if x0 is not None else None
+            cond, uncond = embed(ids, device), embed(embed.ids([""] * micro), device)
+            shape = (micro, *latent_shape)
+            torch.manual_seed(rng_seed(args.seed, step, shard, 2))  # noise and dropout: exact on resume
+            last = m == accum - 1
+            with contextlib.ExitStack() as sync:  # all-reduce gradients on the last accumulation round only
+                for name in active:
+                    wrapped = {"optimizer": net, "fake_score_optimizer": fake_net, "discriminator_optimizer": disc_net}[name]  # fmt: skip
+                    if args.fsdp:
+                        wrapped.set_requires_gradient_sync(last)
+                    elif distributed and not last:
+                        sync.enter_context(wrapped.no_sync())
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    if args.method == "sft":
+                        loss, logs = sft_loss(net, x0, cond, uncond, args, module)
+                    elif args.method == "kd":
+                        loss, logs = kd_loss(net, x0, cond, args, module)
+                    elif generator_step and args.method == "ladd":
+                        loss, logs = ladd_generator_loss(net, teacher, disc, x0, shape, cond, args, module)
+                    elif generator_step:
+                        loss, logs = dmd2_generator_loss(net, teacher, fake, disc, x0, shape, cond, uncond, args, module, bins)  # fmt: skip
+                    else:
+                        loss, logs = critic_loss(student, teacher, fake_net, disc_net, x0, shape, cond, args, module)
+                (loss / accum).backward()
+            total += loss.detach().float() / accum
+        for name in active:
+            m, opt = optimizers[name]
+            for p in m.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num_(local(p.grad), nan=0.0, posinf=0.0, neginf=0.0)
+            # The student's gradient is clipped; the critic's is not (FastGen clips the student only).
+            norm = torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip if name == "optimizer" else math.inf)
+            grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # every step, critic steps included, as FastGen's EMA callback does
+            for spec, params in emas.items():
+                for p_ema, p in zip(params, student.parameters()):
+                    local(p_ema).lerp_(local(p.detach()), 1 - float(spec))
+        loss_mean = all_reduce_sum(total) / world  # the loss of the global batch
+
+        step_done = step + 1
+        if master:
+            images_per_s = args.batch_size / (time.time() - tic)
+            bar.set_postfix(loss=f"{loss_mean.item():.4f}", img_s=f"{images_per_s:.1f}")
+            record = {"step": step_done, "loss": loss_mean.item(), "generator_step": generator_step, "grad_norm": grad_norm.item(), "images_per_s": images_per_s, **logs}  # fmt: skip
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if wandb:
+                wandb.log(record, step=step_done)
+        if args.eval_every and (step_done % args.eval_every == 0 or step_done == args.max_steps):
+            eval_and_log(step_done)
+        if args.save_every and (step_done % args.save_every == 0 or step_done == args.max_steps):
+            weights = {name: full_state(m, args.fsdp) for name, m in trained.items()}
+            for spec, params in emas.items():
+                weights[f"ema_{spec}"] = {k: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for k, p in zip(names, params)}  # fmt: skip
+            state = {name: get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) for name, (m, opt) in optimizers.items()}  # fmt: skip
+            if master:
+                save_checkpoint(args, step_done, weights, state | {"ratio_bins": bins.cpu()}, json.dumps(asdict(cfg)))
+    if master:
+        log.close()
+    if distributed:
+        dist.destroy_process_group()
+    return student
+
+
+if __name__ == "__main__":
+    main(parse_args())
