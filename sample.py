@@ -97,7 +97,7 @@ parser.add_argument("--model", choices=sorted(MODELS) + sorted(TEXT_MODELS), def
 parser.add_argument("--ckpt", default=None, help="CONFIGS name or checkpoint path (.safetensors; DiT/SiT also .pt); required unless --tiny")  # fmt: skip
 parser.add_argument("--arch", default=None, help="dit/sit: the CONFIGS name of a checkpoint file that does not say (e.g. SiT-XL/2)")  # fmt: skip
 parser.add_argument("--vae", default="sd-vae-ft-mse", help="dit/sit: the autoencoder that decodes latents (models/autoencoder_kl.py name, Hub repo or folder)")  # fmt: skip
-parser.add_argument("--tiny", action="store_true", help="a tiny randomly initialised network: checks the code path")
+parser.add_argument("--tiny", action="store_true", help="a tiny randomly initialised network: checks the code path (text models: with --ckpt, a tiny trained student and the tiny encoders)")  # fmt: skip
 parser.add_argument("--root", default=None, help="checkpoint root for CONFIGS names (default $CKPT_ROOT_DIR or ./checkpoints)")  # fmt: skip
 parser.add_argument("--sampler", choices=sorted(DEFAULT_STEPS) + ["teacher"], default=None,
                     help="heun: EDM Alg. 1 (teachers; default for edm, edm2, sit); euler: first-order ODE; student: x0 then re-noise (distilled students); dit: ddpm (ancestral, learned variance; its default) or ddim")  # fmt: skip
@@ -407,6 +407,8 @@ def load_text_model(args, spec, device, dtype):
         torch.manual_seed(args.seed)
         tiny = "tiny-i2v" if args.model == "wan" and args.image else TINY_TEXT[args.model]
         model = spec.model_class(module.CONFIGS[tiny]).eval()
+        if args.ckpt:  # a tiny network a training script wrote (--tiny runs): its weights, the tiny encoders
+            model = module.from_pretrained(args.ckpt, config=trained_config(module, args.ckpt)).eval()
         vae_cfg = spec.vae.CONFIGS["tiny"]
         if args.model == "flux":  # Flux's autoencoder has 16 latent channels
             vae_cfg = replace(vae_cfg, latent_channels=flux.LATENT_CHANNELS)
@@ -415,7 +417,10 @@ def load_text_model(args, spec, device, dtype):
         return model.to(device, dtype), vae.to(device), encoder
     if args.ckpt is None:
         sys.exit("error: give --ckpt (a CONFIGS name, Hub repo, folder or trained .safetensors), or --tiny")
-    model = module.from_pretrained(args.ckpt, device=device, dtype=dtype)
+    config = (
+        trained_config(module, args.ckpt) if args.ckpt.endswith(".safetensors") and os.path.isfile(args.ckpt) else None
+    )
+    model = module.from_pretrained(args.ckpt, config=config, device=device, dtype=dtype)
     pipeline = args.pipeline or getattr(module.CONFIGS.get(args.ckpt), "repo", None) or spec.pipeline
     if args.model == "cosmos":  # the Wan 2.1 autoencoder and Cosmos-Reason1 from their own repos
         vae, encoder = wan_vae.from_pretrained(args.pipeline or "wan2.1", device=device), TextEncoder("cosmos", None, device=device, dtype=dtype)  # fmt: skip
@@ -423,6 +428,18 @@ def load_text_model(args, spec, device, dtype):
         vae = spec.vae.from_pretrained(pipeline, device=device)
         encoder = TextEncoder(args.model, pipeline, device=device, dtype=dtype)
     return model, vae, encoder
+
+
+def trained_config(module, path):
+    """The architecture a training script recorded in a checkpoint's metadata (its Config as JSON), or None."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        text = (f.metadata() or {}).get("config")
+    if text is None:
+        return None
+    fields = json.loads(text)
+    return module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def type_name(vae_module):

@@ -274,3 +274,16 @@ def test_image_conditioning_reaches_wan_i2v_and_cosmos(tmp_path):
     assert not np.array_equal(videos["wan", "a"], videos["wan", "b"])
     refused = run("sample.py", "--model", "flux", "--tiny", "--image", str(tmp_path / "a.png"), "--prompt", "x")
     assert refused.returncode != 0 and "--image conditions Wan I2V models" in refused.stderr
+
+
+def test_trained_text_student_samples(tmp_path):
+    """A student that train_flux.py wrote (its Config in the metadata) loads by path and samples with the tiny encoders."""
+    trained = run("train_flux.py", "--tiny", "--method", "sft", "--max_steps", "1", "--save_every", "1", "--eval_every", "100", "--out_dir", str(tmp_path / "run"))  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    student = tmp_path / "run" / "ckpt_0000001" / "student.safetensors"
+    outputs = {}
+    for name, ckpt in (("student", ["--ckpt", str(student)]), ("random", [])):
+        result = run("sample.py", "--model", "flux", "--tiny", *ckpt, "--sampler", "student", "--steps", "1", "--prompt", "a fox", "--out_dir", str(tmp_path / name))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        outputs[name] = np.asarray(Image.open(tmp_path / name / "samples.png"))
+    assert not np.array_equal(outputs["student"], outputs["random"])
