@@ -6,14 +6,16 @@ UNet2DConditionModel with the same config and weights.
 
 The configuration is sdxl.CONFIGS["mid"] (channels 128/256/512, transformer depths 1/2/2 with no attention on the
 first level, SDXL's text-time micro-conditioning; 166M parameters). The script checks that both networks give the same
-output, alternates timed iterations of the two (so machine load affects both alike), and reports median times; peak
-memory is the resident-set high-water mark of a fresh process per implementation doing one forward+backward.
+output, alternates timed iterations of the two (so machine load affects both alike; which one goes first swaps every
+iteration, so neither always runs in the other's wake), and reports median times with their range; peak
+memory is the resident-set high-water mark of a fresh process per implementation during one forward+backward (read from
+/proc, so Linux only).
 """
 
 import argparse
+import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -94,11 +96,21 @@ def step(net, call):
     return time.perf_counter() - start
 
 
-if args.memory_of:  # child: one forward+backward, then the high-water mark
-    net, call = build(args.memory_of)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss_kb(field):
+    """VmRSS (now) or VmHWM (high-water mark) of this process in kB, from /proc (Linux). getrusage's ru_maxrss would
+    not do: it outlives exec, so a child of the big benchmark process would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+if args.memory_of:  # child: one forward+backward, then the high-water mark of the step alone
+    net, call = build(args.memory_of)  # the diffusers child also built (and freed) ours for its weights
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set, forgetting the peak of building the networks
+    before = rss_kb("VmRSS")
     step(net, call)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = rss_kb("VmHWM")
     print(json.dumps(dict(before_kb=before, peak_kb=peak)))
     sys.exit()
 
@@ -111,9 +123,9 @@ for _ in range(args.warmup):
     for net, call in nets.values():
         step(net, call)
 times = {name: [] for name in nets}
-for _ in range(args.iters):
-    for name, (net, call) in nets.items():
-        times[name].append(step(net, call))
+for i in range(args.iters):
+    for name in list(nets) if i % 2 == 0 else list(nets)[::-1]:
+        times[name].append(step(*nets[name]))
 med = {k: statistics.median(v) for k, v in times.items()}
 
 memory = {}
@@ -126,7 +138,11 @@ print(f"SDXL-style mid UNet ({params / 1e6:.1f}M parameters), batch {B}, latents
       f"{torch.get_num_threads()} threads, median of {args.iters}:")  # fmt: skip
 for name in nets:
     m = memory[name]
-    print(f"  {name:10s} {med[name] * 1e3:8.0f} ms / forward+backward   peak RSS {m['peak_kb'] / 2**20:.2f} GB "
+    spread = f"({min(times[name]) * 1e3:.0f}-{max(times[name]) * 1e3:.0f})"
+    print(f"  {name:10s} {med[name] * 1e3:8.0f} ms {spread:>13s} / forward+backward   "
+          f"peak RSS {m['peak_kb'] / 2**20:.2f} GB "
           f"(+{(m['peak_kb'] - m['before_kb']) / 2**20:.2f} GB in the step)")  # fmt: skip
+step_kb = {name: m["peak_kb"] - m["before_kb"] for name, m in memory.items()}  # without the imports and weights
 print(f"  ratio ours/diffusers: time {med['ours'] / med['diffusers']:.3f}, "
-      f"peak memory {memory['ours']['peak_kb'] / memory['diffusers']['peak_kb']:.3f}")  # fmt: skip
+      f"peak memory {memory['ours']['peak_kb'] / memory['diffusers']['peak_kb']:.3f} "
+      f"(in the step {step_kb['ours'] / step_kb['diffusers']:.3f})")  # fmt: skip
