@@ -131,6 +131,8 @@ text.add_argument("--pipeline", default=None, help="Hub repo or local folder of 
 text.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
 text.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
 text.add_argument("--image", default=None, help="wan (an I2V checkpoint): the first frame to animate; cosmos: the frame Video2World continues")  # fmt: skip
+text.add_argument("--video", default=None, help="wan (a VACE checkpoint): the source video to edit: a GIF, an MP4 (with imageio) or a folder of frames")  # fmt: skip
+text.add_argument("--mask", default=None, help="wan VACE: where to regenerate (white) in --video, same format; default everywhere")  # fmt: skip
 text.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4k (default: the model's native length)")
 text.add_argument(
     "--causal", action="store_true", help="wan: a causal student, generated chunk by chunk with a KV cache"
@@ -406,7 +408,10 @@ def load_text_model(args, spec, device, dtype):
     if args.tiny:
         torch.manual_seed(args.seed)
         tiny = "tiny-i2v" if args.model == "wan" and args.image else TINY_TEXT[args.model]
-        model = spec.model_class(module.CONFIGS[tiny]).eval()
+        cfg = module.CONFIGS[tiny]
+        if args.model == "wan" and args.video:  # VACE control: 2 x 4 latent channels of the tiny VAE + 8 x 8 mask
+            cfg = replace(module.CONFIGS["tiny-vace"], vace_in_channels=2 * wan_vae.CONFIGS["tiny"].z_dim + 64)
+        model = spec.model_class(cfg).eval()
         if args.ckpt:  # a tiny network a training script wrote (--tiny runs): its weights, the tiny encoders
             model = module.from_pretrained(args.ckpt, config=trained_config(module, args.ckpt)).eval()
         vae_cfg = spec.vae.CONFIGS["tiny"]
@@ -469,6 +474,32 @@ def image_condition(args, model, vae, image, frames, device):
     return {"image_latents": wan.i2v_latents(vae.encode(clip, sample=False)), "image_tokens": encoder(image)}
 
 
+def read_frames(path, count, height, width, grey=False):
+    """Frames of a GIF, an MP4 (through imageio, if installed) or a folder of images, resized: (1, 3, count, H, W)
+    in [-1, 1], or with `grey` a binary mask (1, 1, count, H, W), 1 where the pixel is brighter than mid-grey."""
+    mode = "L" if grey else "RGB"
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+        frames = [Image.open(os.path.join(path, f)).convert(mode) for f in names]
+    elif path.lower().endswith(".gif"):
+        from PIL import ImageSequence
+
+        frames = [f.convert(mode) for f in ImageSequence.Iterator(Image.open(path))]
+    else:
+        import imageio.v3 as iio  # MP4 and other containers
+
+        frames = [Image.fromarray(f).convert(mode) for f in iio.imread(path)]
+    if grey and len(frames) == 1:  # a still mask holds for every frame (GIF writers also merge identical frames)
+        frames = frames * count
+    if len(frames) < count:
+        sys.exit(f"error: {path} has {len(frames)} frames; the video needs {count} (set --frames)")
+    arrays = [np.asarray(f.resize((width, height), Image.BICUBIC)) for f in frames[:count]]
+    x = torch.from_numpy(np.stack(arrays)).float()
+    if grey:
+        return (x > 127).float()[None, None]
+    return x.permute(3, 0, 1, 2)[None].div(127.5).sub(1)
+
+
 def generate_text(args, spec, model, noise, cond, uncond, steps, generator, pixels, extra):
     """One batch of latents from --model's teacher sampler or its few-step student sampler; `pixels`: (height, width)
     of the images, SDXL's micro-conditioning; `extra`: image conditioning (Wan I2V, Cosmos Video2World)."""
@@ -503,16 +534,19 @@ def generate_text(args, spec, model, noise, cond, uncond, steps, generator, pixe
 
 
 def write_video(frames, path_stem, fps=16):
-    """uint8 frames (T, H, W, C): MP4 through imageio (with its ffmpeg plugin) when installed, else an animated GIF.
-    Returns the path written."""
+    """uint8 frames (T, H, W, C): MP4 through imageio (with its ffmpeg plugin) when installed, else an animated GIF
+    and one PNG per frame in <stem>_frames/. Returns the path written."""
     try:
         import imageio.v3 as iio
 
         iio.imwrite(path_stem + ".mp4", frames, fps=fps, codec="libx264")
         return path_stem + ".mp4"
-    except Exception:  # imageio or its ffmpeg backend missing: fall back to a GIF, which PIL always writes
+    except Exception:  # imageio or its ffmpeg backend missing: an animated GIF (PIL always writes it) and the frames
         images = [Image.fromarray(f) for f in frames]
         images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        os.makedirs(path_stem + "_frames", exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(os.path.join(path_stem + "_frames", f"{i:04d}.png"))
         return path_stem + ".gif"
 
 
@@ -522,6 +556,8 @@ def main_text(args):
         sys.exit(f"error: --model {args.model} samples with teacher (its {spec.teacher}) or student")
     if args.fid or args.save_pairs or args.npz:
         sys.exit("error: --fid, --save_pairs and --npz are for the class-conditional models")
+    if args.mask and not args.video:
+        sys.exit("error: --mask marks the part of --video to regenerate; give --video too")
     if args.image and (args.model not in ("wan", "cosmos") or (args.model == "cosmos" and args.sampler == "student")):
         sys.exit("error: --image conditions Wan I2V models and the Cosmos teacher (Video2World)")
     if args.causal and (args.model != "wan" or args.sampler == "teacher"):
@@ -559,6 +595,15 @@ def main_text(args):
         shape = (channels, 1 + (frames - 1) // t_factor) + shape[1:]
 
     extra = {}
+    if args.video:
+        if args.model != "wan" or not model.cfg.vace_layers:
+            sys.exit("error: --video needs a Wan VACE checkpoint (wan2.1-vace-1.3b or -14b)")
+        video = read_frames(args.video, frames, height, width)
+        mask = read_frames(args.mask, frames, height, width, grey=True) if args.mask else torch.ones_like(video[:, :1])
+        vae_dtype = next(vae.parameters()).dtype
+        with torch.no_grad():  # the kept part and the part to regenerate, each through the VAE
+            kept, redo = (vae.encode((v * m).to(device, vae_dtype), sample=False) for v, m in ((video, 1 - mask), (video, mask)))  # fmt: skip
+        extra = {"control": wan.vace_control(kept, redo, mask.to(device, kept.dtype))}
     if args.image:
         if not frames:
             sys.exit("error: --image needs a video model")

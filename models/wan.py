@@ -682,6 +682,18 @@ def i2v_latents(first_frame_latents):
     return torch.cat([mask, first_frame_latents], dim=1)
 
 
+def vace_control(inactive_latents, reactive_latents, mask, stride=(4, 8, 8)):
+    """VACE's control input (B, 2 C + 64, F, H, W) (Jiang et al. 2025, Sec. 3.2; official vace.py): the VAE latents of
+    the kept video, video * (1 - mask), and of the part to regenerate, video * mask (B, C, F, H, W) each; then the
+    pixel mask (B, 1, T, 8 H, 8 W), 1 = regenerate, folded to latent resolution: each 8 x 8 patch of pixels becomes 64
+    channels, and its T frames are resampled (nearest) to the F latent frames."""
+    B, _, F_lat, H, W = inactive_latents.shape
+    T, s = mask.shape[2], stride[1]
+    folded = mask[:, 0].reshape(B, T, H, s, W, s).permute(0, 3, 5, 1, 2, 4).reshape(B, s * s, T, H, W)
+    folded = F.interpolate(folded.float(), size=(F_lat, H, W), mode="nearest-exact").to(inactive_latents.dtype)
+    return torch.cat([inactive_latents, reactive_latents, folded], dim=1)
+
+
 # ----------------------------------------------------------------------------
 # Samplers
 

@@ -287,3 +287,28 @@ def test_trained_text_student_samples(tmp_path):
         assert result.returncode == 0, result.stderr
         outputs[name] = np.asarray(Image.open(tmp_path / name / "samples.png"))
     assert not np.array_equal(outputs["student"], outputs["random"])
+
+
+def test_vace_control_folds_the_mask_as_the_official_code(tmp_path):
+    """wan.vace_control: [kept latents, regenerated latents, mask], the mask's 8 x 8 pixel patches as 64 channels
+    (channel 8 i + j holds pixel (8 h + i, 8 w + j)) at the nearest of the T frames for each latent frame."""
+    from models import wan
+
+    g = torch.Generator().manual_seed(0)
+    kept, redo = torch.randn(2, 1, 4, 3, 2, 3, generator=g)
+    mask = (torch.rand(1, 1, 9, 16, 24, generator=g) > 0.5).float()
+    control = wan.vace_control(kept, redo, mask)
+    assert (
+        control.shape == (1, 72, 3, 2, 3) and torch.equal(control[:, :4], kept) and torch.equal(control[:, 4:8], redo)
+    )
+    for f, frame in enumerate([1, 4, 7]):  # nearest-exact: floor((f + 0.5) * 9 / 3)
+        for i, j, h, w in [(0, 0, 0, 0), (3, 5, 1, 2), (7, 7, 1, 1), (2, 6, 0, 2)]:
+            assert control[0, 8 + 8 * i + j, f, h, w] == mask[0, 0, frame, 8 * h + i, 8 * w + j]
+
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)) for _ in range(9)]
+    frames[0].save(tmp_path / "video.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(np.where(np.arange(50) > 25, 255, 0).astype(np.uint8)[None].repeat(40, 0)).save(tmp_path / "mask.png")  # fmt: skip
+    result = run("sample.py", "--model", "wan", "--tiny", "--video", str(tmp_path / "video.gif"), "--mask", str(tmp_path / "mask.png"), "--prompt", "a fox", "--steps", "2", "--out_dir", str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "out" / "samples_frames").iterdir())) == 9  # the frames beside the GIF
