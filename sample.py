@@ -475,7 +475,7 @@ def image_condition(args, model, vae, image, frames, device):
 
 
 def read_frames(path, count, height, width, grey=False):
-    """Frames of a GIF, an MP4 (through imageio, if installed) or a folder of images, resized: (1, 3, count, H, W)
+    """Frames of a GIF, an MP4 (through imageio, if installed), a folder of images or (a mask) one image, resized: (1, 3, count, H, W)
     in [-1, 1], or with `grey` a binary mask (1, 1, count, H, W), 1 where the pixel is brighter than mid-grey."""
     mode = "L" if grey else "RGB"
     if os.path.isdir(path):
@@ -485,9 +485,13 @@ def read_frames(path, count, height, width, grey=False):
         from PIL import ImageSequence
 
         frames = [f.convert(mode) for f in ImageSequence.Iterator(Image.open(path))]
+    elif path.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):  # one still image
+        frames = [Image.open(path).convert(mode)]
     else:
-        import imageio.v3 as iio  # MP4 and other containers
-
+        try:
+            import imageio.v3 as iio  # MP4 and other containers
+        except ImportError:
+            sys.exit(f"error: reading {path} needs imageio (pip install imageio imageio-ffmpeg); or pass a GIF or a folder of frames")  # fmt: skip
         frames = [Image.fromarray(f).convert(mode) for f in iio.imread(path)]
     if grey and len(frames) == 1:  # a still mask holds for every frame (GIF writers also merge identical frames)
         frames = frames * count
