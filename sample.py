@@ -87,9 +87,16 @@ TEXT_MODELS = {
     "sdxl": TextModel(sdxl, sdxl.UNet, autoencoder_kl, "stabilityai/stable-diffusion-xl-base-1.0", "euler", 50, 5.0, (1024, 1024, 0), {"clip": 32, "clip2": 32}),
     "wan": TextModel(wan, wan.WanModel, wan_vae, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "euler", 50, 5.0, (480, 832, 81), {"umt5": 32}),
     "cogvideox": TextModel(cogvideox, cogvideox.CogVideoXTransformer, cogvideox_vae, "THUDM/CogVideoX-2b", "ddim", 50, 6.0, (480, 720, 49), {"t5": 32}),
-    "cosmos": TextModel(cosmos_predict2, cosmos_predict2.CosmosPredict2, wan_vae, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "euler", 35, 8.0, (704, 1280, 93), {"qwen": 20}),
+    "cosmos_predict2": TextModel(cosmos_predict2, cosmos_predict2.CosmosPredict2, wan_vae, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "euler", 35, 8.0, (704, 1280, 93), {"qwen": 20}),
 }  # fmt: skip
-TINY_TEXT = {"flux": "tiny", "sd15": "tiny", "sdxl": "tiny", "wan": "tiny", "cogvideox": "tiny-2b", "cosmos": "tiny"}
+TINY_TEXT = {
+    "flux": "tiny",
+    "sd15": "tiny",
+    "sdxl": "tiny",
+    "wan": "tiny",
+    "cogvideox": "tiny-2b",
+    "cosmos_predict2": "tiny",
+}
 DEFAULT_STEPS = {"heun": 18, "euler": 18, "student": 1, "ddpm": 250, "ddim": 50}  # EDM's 18, DiT's 250
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,14 +130,14 @@ parser.add_argument("--save_pairs", default=None, metavar="DIR",
                     help="instead of images, write --n (noise, teacher output) pairs for `train_edm.py --method kd --pairs DIR`: the Heun ODE solution of each noise, --batch pairs per shard; rerunning resumes")  # fmt: skip
 parser.add_argument("--pair_states", type=int, default=1, metavar="P",
                     help="with --save_pairs: states of each trajectory kept, at the student times t_list(P) (1 = the noise; 4 for 2- and 4-step students)")  # fmt: skip
-text = parser.add_argument_group("text-to-image and video models (flux, sd15, sdxl, wan, cogvideox, cosmos)")
+text = parser.add_argument_group("text-to-image and video models (flux, sd15, sdxl, wan, cogvideox, cosmos_predict2)")
 text.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
 text.add_argument("--prompt_file", default=None, help="prompts, one per line")
 text.add_argument("--negative_prompt", default="", help="the unconditional prompt of classifier-free guidance")
 text.add_argument("--pipeline", default=None, help="Hub repo or local folder of the text encoders and autoencoder (default: the teacher's repo)")  # fmt: skip
 text.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
 text.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
-text.add_argument("--image", default=None, help="wan (an I2V checkpoint): the first frame to animate; cosmos: the frame Video2World continues")  # fmt: skip
+text.add_argument("--image", default=None, help="wan (an I2V checkpoint): the first frame to animate; cosmos_predict2: the frame Video2World continues")  # fmt: skip
 text.add_argument("--video", default=None, help="wan (a VACE checkpoint): the source video to edit: a GIF, an MP4 (with imageio) or a folder of frames")  # fmt: skip
 text.add_argument("--mask", default=None, help="wan VACE: where to regenerate (white) in --video, same format; default everywhere")  # fmt: skip
 text.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4k (default: the model's native length)")
@@ -418,7 +425,7 @@ def load_text_model(args, spec, device, dtype):
         if args.model == "flux":  # Flux's autoencoder has 16 latent channels
             vae_cfg = replace(vae_cfg, latent_channels=flux.LATENT_CHANNELS)
         vae = spec.vae.__dict__[type_name(spec.vae)](vae_cfg).eval()
-        encoder = TextEncoder("cosmos" if args.model == "cosmos" else args.model, tiny=spec.tiny, device=device)
+        encoder = TextEncoder(encoder_family(args.model), tiny=spec.tiny, device=device)
         return model.to(device, dtype), vae.to(device), encoder
     if args.ckpt is None:
         sys.exit("error: give --ckpt (a CONFIGS name, Hub repo, folder or trained .safetensors), or --tiny")
@@ -427,12 +434,17 @@ def load_text_model(args, spec, device, dtype):
     )
     model = module.from_pretrained(args.ckpt, config=config, device=device, dtype=dtype)
     pipeline = args.pipeline or getattr(module.CONFIGS.get(args.ckpt), "repo", None) or spec.pipeline
-    if args.model == "cosmos":  # the Wan 2.1 autoencoder and Cosmos-Reason1 from their own repos
+    if args.model == "cosmos_predict2":  # the Wan 2.1 autoencoder and Cosmos-Reason1 from their own repos
         vae, encoder = wan_vae.from_pretrained(args.pipeline or "wan2.1", device=device), TextEncoder("cosmos", None, device=device, dtype=dtype)  # fmt: skip
     else:
         vae = spec.vae.from_pretrained(pipeline, device=device)
         encoder = TextEncoder(args.model, pipeline, device=device, dtype=dtype)
     return model, vae, encoder
+
+
+def encoder_family(model):
+    """encoders.py's name for a --model's text encoders."""
+    return "cosmos" if model == "cosmos_predict2" else model
 
 
 def trained_config(module, path):
@@ -462,7 +474,7 @@ def image_condition(args, model, vae, image, frames, device):
     latents of the clip [image, zeros, ...]), or Cosmos' given first latent frame."""
     from encoders import ImageEncoder
 
-    if args.model == "cosmos":
+    if args.model == "cosmos_predict2":
         return {"cond_latents": vae.encode(image[:, :, None], sample=False)}
     if not model.cfg.image_dim:
         sys.exit("error: --image needs a Wan I2V checkpoint (wan2.1-i2v-14b-480p or -720p)")
@@ -562,7 +574,7 @@ def main_text(args):
         sys.exit("error: --fid, --save_pairs and --npz are for the class-conditional models")
     if args.mask and not args.video:
         sys.exit("error: --mask marks the part of --video to regenerate; give --video too")
-    if args.image and (args.model not in ("wan", "cosmos") or (args.model == "cosmos" and args.sampler == "student")):
+    if args.image and (args.model not in ("wan", "cosmos_predict2") or (args.model == "cosmos_predict2" and args.sampler == "student")):  # fmt: skip
         sys.exit("error: --image conditions Wan I2V models and the Cosmos teacher (Video2World)")
     if args.causal and (args.model != "wan" or args.sampler == "teacher"):
         sys.exit("error: --causal samples a causal Wan student: --model wan --sampler student")

@@ -219,7 +219,7 @@ def test_dit_latents_are_decoded_by_the_vae(tmp_path):
 @pytest.mark.parametrize(
     "model, extra, pixels",
     [("flux", [], 16), ("sd15", [], 16), ("sdxl", [], 16), ("wan", ["--causal", "--sampler", "student", "--chunk_size", "1"], 64),
-     ("cogvideox", [], 64), ("cosmos", ["--sampler", "student"], 64)],
+     ("cogvideox", [], 64), ("cosmos_predict2", ["--sampler", "student"], 64)],
 )  # fmt: skip
 def test_text_models_tiny(model, extra, pixels, tmp_path):
     """Every text-to-image and video family samples end to end: tiny encoders, denoiser, sampler and autoencoder."""
@@ -229,7 +229,7 @@ def test_text_models_tiny(model, extra, pixels, tmp_path):
     assert grid.size == (2 * pixels, pixels)  # two prompts side by side
     settings = json.loads((tmp_path / "prompts.json").read_text())
     assert settings["prompts"] == ["a red fox", "two cats"] and settings["steps"] == 2
-    if model in ("wan", "cogvideox", "cosmos"):
+    if model in ("wan", "cogvideox", "cosmos_predict2"):
         video = Image.open(tmp_path / "samples.gif")
         assert video.n_frames == 9 and video.size == grid.size
 
@@ -266,7 +266,7 @@ def test_image_conditioning_reaches_wan_i2v_and_cosmos(tmp_path):
     for name in ("a", "b"):
         Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
     videos = {}
-    for model, name in (("wan", "a"), ("wan", "b"), ("cosmos", "a")):
+    for model, name in (("wan", "a"), ("wan", "b"), ("cosmos_predict2", "a")):
         out = tmp_path / f"{model}_{name}"
         result = run("sample.py", "--model", model, "--tiny", "--image", str(tmp_path / f"{name}.png"), "--prompt", "a fox", "--steps", "2", "--out_dir", str(out))  # fmt: skip
         assert result.returncode == 0, result.stderr
