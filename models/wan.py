@@ -392,9 +392,23 @@ class Block(nn.Module):
         self.ffn = FeedForward(dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, mod, rope, context_kv, self_attend):
-        """x (B, L, D), mod (B, F, 6, D) time projection, rope (cos, sin), context_kv from Attention.context_kv,
-        self_attend(q, k, v) the attention pattern of this call (bidirectional, block-causal or cached)."""
+    def cross_kv(self, context, cache, layer):
+        """The text (and image) keys and values of this block's cross-attention. A cache holds them once per layer,
+        filled here on first use, and serves them only while gradients are off (training must reach the weights)."""
+        cached = cache.context[layer] if cache is not None else None
+        if cached is not None and not torch.is_grad_enabled():
+            return cached
+        kv = self.attn2.context_kv(*context)
+        if cache is not None and cached is None:
+            cache.context[layer] = [a.detach() for a in kv]
+        return kv
+
+    def forward(self, x, mod, rope, context, self_attend, cache=None, layer=None):
+        """x (B, L, D), mod (B, F, 6, D) time projection, rope (cos, sin), context the embedded (text, image or None)
+        tokens (None when the cache holds this layer's keys and values), self_attend(q, k, v) the attention pattern
+        of this call (bidirectional, block-causal or cached); cache and layer: where the cross-attention keys and
+        values are kept between calls."""
+        context_kv = self.cross_kv(context, cache, layer)
         frames = mod.shape[1]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + mod.float())[:, :, :, None].unbind(2)
         h = per_frame(layer_norm(x, self.eps), frames, lambda h: h * (1 + scale1) + shift1).type_as(x)
@@ -415,10 +429,10 @@ class VaceBlock(Block):
         self.proj_in = nn.Linear(cfg.inner_dim, cfg.inner_dim) if first else None
         self.proj_out = nn.Linear(cfg.inner_dim, cfg.inner_dim)
 
-    def forward(self, x, control, mod, rope, context_kv, self_attend):
+    def forward(self, x, control, mod, rope, context, self_attend, cache=None, layer=None):
         if self.proj_in is not None:
             control = self.proj_in(control) + x
-        control = super().forward(control, mod, rope, context_kv, self_attend)
+        control = super().forward(control, mod, rope, context, self_attend, cache, layer)
         return self.proj_out(control), control
 
 
@@ -470,7 +484,8 @@ class ConditionEmbedder(nn.Module):
 class KVCache:
     """What the causal form keeps between chunks: per self-attention layer (main blocks, then VACE blocks) the keys
     and values of the committed frames, preallocated for `num_frames`, and per cross-attention layer the text (and
-    image) keys and values, computed once. Cached tensors are detached: no gradient flows into earlier chunks
+    image) keys and values, computed once by the block on first use. Device and dtype default to the model's.
+    Cached tensors are detached: no gradient flows into earlier chunks
     (Self-Forcing Sec. 3.2). One cache per prompt stream; CFG uses two."""
 
     def __init__(self, model, batch_size, num_frames, height, width, device=None, dtype=None):
@@ -479,9 +494,10 @@ class KVCache:
         self.tokens_per_frame = (height // ph) * (width // pw)
         self.num_frames = num_frames
         layers = cfg.num_layers + len(cfg.vace_layers)
-        param = next(model.parameters())
         shape = (batch_size, num_frames * self.tokens_per_frame, cfg.num_attention_heads, cfg.attention_head_dim)
-        device, dtype = device or param.device, dtype or param.dtype
+        if device is None or dtype is None:
+            param = next(model.parameters())
+            device, dtype = device or param.device, dtype or param.dtype
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.context = [None] * layers
@@ -616,7 +632,10 @@ class WanModel(nn.Module):
         rope = (angles.cos().float(), angles.sin().float())
 
         h = self.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, L, D), L = F' H' W'
-        contexts = self._contexts(text, image_tokens, cache)  # per layer: text (and image) keys and values
+        # The embedded text (and image) tokens, from which each block computes its cross-attention keys and values;
+        # not needed when a cache already holds them all and gradients are off.
+        fresh = cache is None or torch.is_grad_enabled() or any(c is None for c in cache.context)
+        context = self._embed_context(text, image_tokens) if fresh else None
 
         hints = []
         if cfg.vace_layers:
@@ -628,14 +647,14 @@ class WanModel(nn.Module):
             scales = torch.as_tensor(control_scale, dtype=torch.float32).expand(len(cfg.vace_layers)).tolist()
             for j, block in enumerate(self.vace_blocks):
                 layer = cfg.num_layers + j
-                hint, c = block(h, c, mod, rope, contexts(layer, block.attn2), attend_for(layer))
+                hint, c = block(h, c, mod, rope, context, attend_for(layer), cache, layer)
                 hints.append(hint * scales[j])
 
         features, last = [], max(feature_indices, default=-1)
         for i, block in enumerate(self.blocks):
             if features_only and i > last:
                 return features
-            h = block(h, mod, rope, contexts(i, block.attn2), attend_for(i))  # (B, L, D)
+            h = block(h, mod, rope, context, attend_for(i), cache, i)  # (B, L, D)
             if i in cfg.vace_layers:
                 h = h + hints[cfg.vace_layers.index(i)]
             if i in feature_indices:
@@ -648,28 +667,14 @@ class WanModel(nn.Module):
         out = self.unpatchify(self.proj_out(h.type_as(x)), grid)  # (B, C_out, F, H, W)
         return (out, features) if len(feature_indices) else out
 
-    def _contexts(self, text, image_tokens, cache):
-        """A function (layer, attention) -> the text/image keys and values of that cross-attention layer; a cache
-        serves them once computed, except while gradients are on (training must reach the text weights)."""
-        embedded = []
-
-        def context_kv(layer, attn):
-            cached = cache.context[layer] if cache is not None else None
-            if cached is not None and not torch.is_grad_enabled():
-                return cached
-            if not embedded:
-                embedded.append(self.condition_embedder.text_embedder(text.to(self.proj_out.weight.dtype)))
-                if image_tokens is not None:
-                    if self.condition_embedder.image_embedder is None:
-                        raise ValueError("image_tokens given to a model without an image embedder (not I2V)")
-                    embedded.append(self.condition_embedder.image_embedder(image_tokens.to(embedded[0].dtype)))
-                embedded[1:] = [e.type_as(embedded[0]) for e in embedded[1:]]
-            kv = attn.context_kv(*embedded)
-            if cache is not None and cached is None:
-                cache.context[layer] = [a.detach() for a in kv]
-            return kv
-
-        return context_kv
+    def _embed_context(self, text, image_tokens):
+        """Text tokens (B, L, text_dim) -> (B, L, D), and I2V image tokens -> (B, 257, D) (else None)."""
+        text = self.condition_embedder.text_embedder(text.to(self.proj_out.weight.dtype))
+        if image_tokens is None:
+            return text, None
+        if self.condition_embedder.image_embedder is None:
+            raise ValueError("image_tokens given to a model without an image embedder (not I2V)")
+        return text, self.condition_embedder.image_embedder(image_tokens.to(text.dtype)).type_as(text)
 
 
 def i2v_latents(first_frame_latents):
@@ -784,7 +789,7 @@ def causal_sample(
         if context_noise > 0:
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             context = add_noise(x, eps, context_noise)
-        flow(context, torch.full((B,), float(context_noise), device=noise.device), start, True)
+        flow(context, torch.full((B,), float(context_noise), dtype=torch.float64, device=noise.device), start, True)
         chunks.append(x)
         start += n
     return torch.cat(chunks, dim=2)
