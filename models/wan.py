@@ -411,10 +411,10 @@ class Block(nn.Module):
         return kv
 
     def forward(self, x, mod, rope, context, self_attend, cache=None, layer=None):
-        """x (B, L, D), mod (B, F, 6, D) time projection, rope the RoPE rotation (L, 1, D/2) complex, context the embedded (text, image or None)
-        tokens (None when the cache holds this layer's keys and values), self_attend(q, k, v) the attention pattern
-        of this call (bidirectional, block-causal or cached); cache and layer: where the cross-attention keys and
-        values are kept between calls."""
+        """x (B, L, D), mod (B, F, 6, D) time projection, rope the complex RoPE rotation (L, 1, D/2), context the
+        embedded (text, image or None) tokens (None when the cache holds this layer's keys and values),
+        self_attend(q, k, v) the attention pattern of this call (bidirectional, block-causal or cached); cache and
+        layer: where the cross-attention keys and values are kept between calls."""
         context_kv = self.cross_kv(context, cache, layer)
         frames = mod.shape[1]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + mod.float())[:, :, :, None].unbind(2)
@@ -490,9 +490,9 @@ class ConditionEmbedder(nn.Module):
 class KVCache:
     """What the causal form keeps between chunks: per self-attention layer (main blocks, then VACE blocks) the keys
     and values of the committed frames, preallocated for `num_frames`, and per cross-attention layer the text (and
-    image) keys and values, computed once by the block on first use. Device and dtype default to the model's.
-    Cached tensors are detached: no gradient flows into earlier chunks
-    (Self-Forcing Sec. 3.2). One cache per prompt stream; CFG uses two."""
+    image) keys and values, computed once by the block on first use. Cached tensors are detached: no gradient flows
+    into earlier chunks (Self-Forcing Sec. 3.2). One cache per prompt stream; CFG uses two. Device and dtype default
+    to the model's."""
 
     def __init__(self, model, batch_size, num_frames, height, width, device=None, dtype=None):
         cfg = model.cfg
