@@ -68,18 +68,8 @@ MODELS = {
     "cogvideox": (cogvideox, cogvideox.CogVideoXTransformer, "tiny-2b", "cogvideox", "THUDM/CogVideoX-2b", cogvideox_vae, "cogvideox-2b", ("transformer_blocks",)),
     "cosmos": (cosmos_predict2, cosmos_predict2.CosmosPredict2, "tiny", "cosmos", None, wan_vae, "wan2.1", ("blocks",)),
 }
+TINY_PROMPTS = ["a red fox runs through snow", "waves break on a rocky shore", "a city street at night, rain", "a cat sleeps on a sofa"]
 # fmt: on
-# Block submodules that a model calls outside its blocks' forward: Wan computes every layer's text keys and values
-# ahead of the blocks (what its KV cache keeps), so under FSDP2 these are sharded as units of their own.
-OUTSIDE_BLOCKS = (
-    "attn2.to_k",
-    "attn2.to_v",
-    "attn2.norm_k",
-    "attn2.add_k_proj",
-    "attn2.add_v_proj",
-    "attn2.norm_added_k",
-)  # fmt: skip
-TINY_PROMPTS = ["a red fox runs through snow", "waves break on a rocky shore", "a city street at night, rain", "a cat sleeps on a sofa"]  # fmt: skip
 WAN_T_LIST = ",".join(str(t) for t in wan.SELF_FORCING_T_LIST)  # FastGen's 4-step list [0.999, 0.937, 0.833, 0.624, 0]
 
 # Named presets: FastGen's Wan T2V 1.3B experiment configs (reference/methods.md §7.1, §7.3, §7.9) as flag defaults.
@@ -605,9 +595,6 @@ def place(make, state, args, device, attr, trainable):
         bf16 = args.precision == "bf16"
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         for block in transformer_blocks(model, attr):
-            for name, sub in block.named_modules():
-                if name in OUTSIDE_BLOCKS:
-                    fully_shard(sub, mp_policy=mp)
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         model.to_empty(device=device)

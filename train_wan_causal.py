@@ -276,9 +276,8 @@ def load_state(name, args, cfg, seed):
 def build_net(cfg, state, args, device, distributed, trainable):
     """A WanModel on `device` holding `state` (a full state dict; only rank 0's is read under FSDP).
 
-    FSDP2: built on the meta device; each block's cross-attention is its own unit (its keys and values are computed
-    outside the block, once per prompt, by WanModel._contexts), then each block (with activation checkpointing),
-    then the root; forward_chunk is registered as a second forward; the full weights are broadcast from rank 0."""
+    FSDP2: built on the meta device; each block (with activation checkpointing) is a unit, then the root;
+    forward_chunk is registered as the root's second forward; the full weights are broadcast from rank 0."""
     if not args.fsdp:
         with torch.device("meta"):
             net = wan.WanModel(cfg)
@@ -291,9 +290,6 @@ def build_net(cfg, state, args, device, distributed, trainable):
         net = wan.WanModel(cfg)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.precision == "bf16" else None, reduce_dtype=torch.float32)  # fmt: skip
     for block in list(net.blocks) + list(getattr(net, "vace_blocks", [])):
-        fully_shard(block.attn2, mp_policy=mp)
-        register_fsdp_forward_method(block.attn2, "context_kv")
-        register_fsdp_forward_method(block.attn2, "cross")
         if trainable:
             checkpoint(block)  # recompute the block in backward (non-reentrant; keeps the parameter names)
         fully_shard(block, mp_policy=mp)

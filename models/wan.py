@@ -283,10 +283,12 @@ def rope_angles(cfg, frames, height, width, frame_offset, device):
     return grid.reshape(frames * height * width, -1)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate the (even, odd) channel pairs of x (B, L, N, D) by the angles whose cos/sin are (L, 1, D/2); float32."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+def apply_rope(x, rotation):
+    """Rotate the (even, odd) channel pairs of x (B, L, N, D), read as complex numbers, by the unit complex numbers
+    `rotation` (L, 1, D/2), in float32. One complex product: real ops on the even / odd halves run strided and are
+    several times slower on CPU."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 def sdpa(q, k, v):
@@ -331,10 +333,10 @@ class Attention(nn.Module):
     def split_heads(self, x):
         return x.unflatten(-1, (self.heads, -1))  # (B, L, D) -> (B, L, N, D / N)
 
-    def qkv(self, x, cos, sin):
+    def qkv(self, x, rotation):
         """Rotated queries and keys and the values of the tokens x, each (B, L, N, D / N)."""
-        q = apply_rope(self.split_heads(self.norm_q(self.to_q(x))), cos, sin)
-        k = apply_rope(self.split_heads(self.norm_k(self.to_k(x))), cos, sin)
+        q = apply_rope(self.split_heads(self.norm_q(self.to_q(x))), rotation)
+        k = apply_rope(self.split_heads(self.norm_k(self.to_k(x))), rotation)
         return q, k, self.split_heads(self.to_v(x))
 
     def context_kv(self, context, image_context=None):
@@ -374,9 +376,14 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-def per_frame(x, frames, fn):
-    """Apply fn to tokens (B, F S, D) viewed as (B, F, S, D): per-frame modulation with (B, F, 1, D) tables."""
-    return fn(x.unflatten(1, (frames, -1))).flatten(1, 2)
+def modulate(x, frames, shift, scale):
+    """x (B, F S, D) * (1 + scale) + shift with per-frame tables (B, F, 1, D), in one pass (addcmul)."""
+    return torch.addcmul(shift, x.unflatten(1, (frames, -1)), 1 + scale).flatten(1, 2)
+
+
+def gated_add(x, h, frames, gate):
+    """The residual x + h * gate in float32, per-frame gate (B, F, 1, D), in one pass (addcmul)."""
+    return torch.addcmul(x.float().unflatten(1, (frames, -1)), h.unflatten(1, (frames, -1)), gate).flatten(1, 2)
 
 
 class Block(nn.Module):
@@ -392,18 +399,31 @@ class Block(nn.Module):
         self.ffn = FeedForward(dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, mod, rope, context_kv, self_attend):
-        """x (B, L, D), mod (B, F, 6, D) time projection, rope (cos, sin), context_kv from Attention.context_kv,
-        self_attend(q, k, v) the attention pattern of this call (bidirectional, block-causal or cached)."""
+    def cross_kv(self, context, cache, layer):
+        """The text (and image) keys and values of this block's cross-attention. A cache holds them once per layer,
+        filled here on first use, and serves them only while gradients are off (training must reach the weights)."""
+        cached = cache.context[layer] if cache is not None else None
+        if cached is not None and not torch.is_grad_enabled():
+            return cached
+        kv = self.attn2.context_kv(*context)
+        if cache is not None and cached is None:
+            cache.context[layer] = [a.detach() for a in kv]
+        return kv
+
+    def forward(self, x, mod, rope, context, self_attend, cache=None, layer=None):
+        """x (B, L, D), mod (B, F, 6, D) time projection, rope the complex RoPE rotation (L, 1, D/2), context the
+        embedded (text, image or None) tokens (None when the cache holds this layer's keys and values),
+        self_attend(q, k, v) the attention pattern of this call (bidirectional, block-causal or cached); cache and
+        layer: where the cross-attention keys and values are kept between calls."""
+        context_kv = self.cross_kv(context, cache, layer)
         frames = mod.shape[1]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + mod.float())[:, :, :, None].unbind(2)
-        h = per_frame(layer_norm(x, self.eps), frames, lambda h: h * (1 + scale1) + shift1).type_as(x)
-        h = self.attn1.to_out[0](self_attend(*self.attn1.qkv(h, *rope)).flatten(2))
-        x = (x.float() + per_frame(h, frames, lambda h: h * gate1)).type_as(x)
+        h = modulate(layer_norm(x, self.eps), frames, shift1, scale1).type_as(x)
+        h = self.attn1.to_out[0](self_attend(*self.attn1.qkv(h, rope)).flatten(2))
+        x = gated_add(x, h, frames, gate1).type_as(x)
         x = x + self.attn2.cross(self.norm2(x).type_as(x), context_kv)
-        h = per_frame(layer_norm(x, self.eps), frames, lambda h: h * (1 + scale2) + shift2).type_as(x)
-        h = self.ffn(h).float()
-        return (x.float() + per_frame(h, frames, lambda h: h * gate2)).type_as(x)
+        h = modulate(layer_norm(x, self.eps), frames, shift2, scale2).type_as(x)
+        return gated_add(x, self.ffn(h), frames, gate2).type_as(x)
 
 
 class VaceBlock(Block):
@@ -415,10 +435,10 @@ class VaceBlock(Block):
         self.proj_in = nn.Linear(cfg.inner_dim, cfg.inner_dim) if first else None
         self.proj_out = nn.Linear(cfg.inner_dim, cfg.inner_dim)
 
-    def forward(self, x, control, mod, rope, context_kv, self_attend):
+    def forward(self, x, control, mod, rope, context, self_attend, cache=None, layer=None):
         if self.proj_in is not None:
             control = self.proj_in(control) + x
-        control = super().forward(control, mod, rope, context_kv, self_attend)
+        control = super().forward(control, mod, rope, context, self_attend, cache, layer)
         return self.proj_out(control), control
 
 
@@ -470,8 +490,9 @@ class ConditionEmbedder(nn.Module):
 class KVCache:
     """What the causal form keeps between chunks: per self-attention layer (main blocks, then VACE blocks) the keys
     and values of the committed frames, preallocated for `num_frames`, and per cross-attention layer the text (and
-    image) keys and values, computed once. Cached tensors are detached: no gradient flows into earlier chunks
-    (Self-Forcing Sec. 3.2). One cache per prompt stream; CFG uses two."""
+    image) keys and values, computed once by the block on first use. Cached tensors are detached: no gradient flows
+    into earlier chunks (Self-Forcing Sec. 3.2). One cache per prompt stream; CFG uses two. Device and dtype default
+    to the model's."""
 
     def __init__(self, model, batch_size, num_frames, height, width, device=None, dtype=None):
         cfg = model.cfg
@@ -479,9 +500,10 @@ class KVCache:
         self.tokens_per_frame = (height // ph) * (width // pw)
         self.num_frames = num_frames
         layers = cfg.num_layers + len(cfg.vace_layers)
-        param = next(model.parameters())
         shape = (batch_size, num_frames * self.tokens_per_frame, cfg.num_attention_heads, cfg.attention_head_dim)
-        device, dtype = device or param.device, dtype or param.dtype
+        if device is None or dtype is None:
+            param = next(model.parameters())
+            device, dtype = device or param.device, dtype or param.dtype
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.context = [None] * layers
@@ -613,29 +635,34 @@ class WanModel(nn.Module):
         t = (t.reshape(-1, 1) if t.ndim <= 1 else t).expand(B, grid[0])  # (B, F)
         temb, mod = self.condition_embedder.time(t)  # (B, F, D), (B, F, 6, D)
         angles = rope_angles(cfg, *grid, frame_offset, x.device)[:, None]  # (L, 1, D_head / 2)
-        rope = (angles.cos().float(), angles.sin().float())
+        rope = torch.complex(angles.cos().float(), angles.sin().float())  # cos + i sin, complex64 (FSDP keeps it)
 
-        h = self.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, L, D), L = F' H' W'
-        contexts = self._contexts(text, image_tokens, cache)  # per layer: text (and image) keys and values
+        # (B, L, D), L = F' H' W'; made contiguous once, else every residual add keeps the channels-first layout and
+        # each norm of the blocks copies it again
+        h = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        # The embedded text (and image) tokens, from which each block computes its cross-attention keys and values;
+        # not needed when a cache already holds them all and gradients are off.
+        fresh = cache is None or torch.is_grad_enabled() or any(c is None for c in cache.context)
+        context = self._embed_context(text, image_tokens) if fresh else None
 
         hints = []
         if cfg.vace_layers:
             if control is None:
                 raise ValueError("a VACE model needs control latents (B, vace_in_channels, F, H, W)")
-            c = self.vace_patch_embedding(control.to(x.dtype)).flatten(2).transpose(1, 2)  # (B, L, D)
+            c = self.vace_patch_embedding(control.to(x.dtype)).flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
             if c.shape != h.shape:
                 raise ValueError(f"control tokens {tuple(c.shape)} do not match the video tokens {tuple(h.shape)}")
             scales = torch.as_tensor(control_scale, dtype=torch.float32).expand(len(cfg.vace_layers)).tolist()
             for j, block in enumerate(self.vace_blocks):
                 layer = cfg.num_layers + j
-                hint, c = block(h, c, mod, rope, contexts(layer, block.attn2), attend_for(layer))
+                hint, c = block(h, c, mod, rope, context, attend_for(layer), cache, layer)
                 hints.append(hint * scales[j])
 
         features, last = [], max(feature_indices, default=-1)
         for i, block in enumerate(self.blocks):
             if features_only and i > last:
                 return features
-            h = block(h, mod, rope, contexts(i, block.attn2), attend_for(i))  # (B, L, D)
+            h = block(h, mod, rope, context, attend_for(i), cache, i)  # (B, L, D)
             if i in cfg.vace_layers:
                 h = h + hints[cfg.vace_layers.index(i)]
             if i in feature_indices:
@@ -644,32 +671,18 @@ class WanModel(nn.Module):
             return features
 
         shift, scale = (self.scale_shift_table[:, None] + temb.float()[:, :, None]).unbind(2)  # (B, F, D) each
-        h = per_frame(layer_norm(h, cfg.eps), grid[0], lambda h: h * (1 + scale[:, :, None]) + shift[:, :, None])
+        h = modulate(layer_norm(h, cfg.eps), grid[0], shift[:, :, None], scale[:, :, None])
         out = self.unpatchify(self.proj_out(h.type_as(x)), grid)  # (B, C_out, F, H, W)
         return (out, features) if len(feature_indices) else out
 
-    def _contexts(self, text, image_tokens, cache):
-        """A function (layer, attention) -> the text/image keys and values of that cross-attention layer; a cache
-        serves them once computed, except while gradients are on (training must reach the text weights)."""
-        embedded = []
-
-        def context_kv(layer, attn):
-            cached = cache.context[layer] if cache is not None else None
-            if cached is not None and not torch.is_grad_enabled():
-                return cached
-            if not embedded:
-                embedded.append(self.condition_embedder.text_embedder(text.to(self.proj_out.weight.dtype)))
-                if image_tokens is not None:
-                    if self.condition_embedder.image_embedder is None:
-                        raise ValueError("image_tokens given to a model without an image embedder (not I2V)")
-                    embedded.append(self.condition_embedder.image_embedder(image_tokens.to(embedded[0].dtype)))
-                embedded[1:] = [e.type_as(embedded[0]) for e in embedded[1:]]
-            kv = attn.context_kv(*embedded)
-            if cache is not None and cached is None:
-                cache.context[layer] = [a.detach() for a in kv]
-            return kv
-
-        return context_kv
+    def _embed_context(self, text, image_tokens):
+        """Text tokens (B, L, text_dim) -> (B, L, D), and I2V image tokens -> (B, 257, D) (else None)."""
+        text = self.condition_embedder.text_embedder(text.to(self.proj_out.weight.dtype))
+        if image_tokens is None:
+            return text, None
+        if self.condition_embedder.image_embedder is None:
+            raise ValueError("image_tokens given to a model without an image embedder (not I2V)")
+        return text, self.condition_embedder.image_embedder(image_tokens.to(text.dtype)).type_as(text)
 
 
 def i2v_latents(first_frame_latents):
@@ -796,7 +809,7 @@ def causal_sample(
         if context_noise > 0:
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             context = add_noise(x, eps, context_noise)
-        flow(context, torch.full((B,), float(context_noise), device=noise.device), start, True)
+        flow(context, torch.full((B,), float(context_noise), dtype=torch.float64, device=noise.device), start, True)
         chunks.append(x)
         start += n
     return torch.cat(chunks, dim=2)

@@ -219,6 +219,41 @@ def test_cache_is_detached_and_chunk_gradients_stay_local():
     assert model.blocks[0].attn2.to_k.weight.grad is not None  # cross-attention weights still train with a cache
 
 
+def test_cross_attention_keys_are_computed_inside_the_blocks():
+    """What FSDP2 per block needs: the text keys / values come from within each block's forward, and a filled cache
+    serves them (without the text embedder) only while gradients are off."""
+    model, fx = fixture_model("t2v")
+    text = fx["input.text"][:1]
+    inside, calls = [], []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, a: inside.append(m))
+        block.register_forward_hook(lambda m, a, o: inside.remove(m))
+        block.attn2.to_k.register_forward_hook(lambda m, a, o: calls.append(("to_k", len(inside))))
+    model.condition_embedder.text_embedder.register_forward_hook(lambda m, a, o: calls.append(("text", len(inside))))
+    x, t = torch.randn(1, 4, 2, 4, 4), torch.tensor([0.5])
+    with torch.no_grad():
+        model(x, t, text)
+        assert calls == [("text", 0)] + [("to_k", 1)] * 2
+        cache, calls[:] = wan.KVCache(model, 1, 2, 4, 4), []
+        first = model.forward_chunk(x, t, text, cache)
+        assert calls == [("text", 0)] + [("to_k", 1)] * 2 and all(c is not None for c in cache.context)
+        calls.clear()
+        assert torch.equal(model.forward_chunk(x, t, text, cache), first) and calls == []  # served by the cache
+    model.forward_chunk(x, t, text, cache)
+    assert calls == [("text", 0)] + [("to_k", 1)] * 2  # with gradients on, recomputed so the weights train
+
+
+def test_kv_cache_with_device_and_dtype_does_not_read_the_parameters():
+    class Sharded:  # e.g. an FSDP2 module, whose parameters are DTensors
+        cfg = wan.CONFIGS["tiny"]
+
+        def parameters(self):
+            raise AssertionError("parameters read")
+
+    cache = wan.KVCache(Sharded(), 1, 2, 4, 4, device="cpu", dtype=torch.bfloat16)
+    assert cache.k[0].shape == (1, 8, 2, 12) and cache.v[1].dtype == torch.bfloat16
+
+
 def test_causal_sample_rolls_out_chunk_by_chunk():
     model, fx = fixture_model("t2v")
     text, neg = fx["input.text"][:1], torch.zeros(1, 6, 32)
