@@ -516,9 +516,10 @@ def read_frames(path, count, height, width, grey=False):
     return x.permute(3, 0, 1, 2)[None].div(127.5).sub(1)
 
 
-def generate_text(args, spec, model, noise, cond, uncond, steps, generator, pixels, extra):
+def generate_text(args, spec, model, noise, cond, uncond, steps, generator, pixels, extra, on_chunk=None):
     """One batch of latents from --model's teacher sampler or its few-step student sampler; `pixels`: (height, width)
-    of the images, SDXL's micro-conditioning; `extra`: image conditioning (Wan I2V, Cosmos Video2World)."""
+    of the images, SDXL's micro-conditioning; `extra`: image conditioning (Wan I2V, Cosmos Video2World); `on_chunk`:
+    called with each finished chunk of a causal rollout."""
     m, g, student = args.model, args.guidance, args.sampler == "student"
     if m == "flux":
         if student:
@@ -536,7 +537,7 @@ def generate_text(args, spec, model, noise, cond, uncond, steps, generator, pixe
     if m == "wan":
         if args.causal:
             return wan.causal_sample(model, noise, cond["text"], times=wan.t_list(steps), chunk_size=args.chunk_size,
-                                     neg_text=uncond["text"], guidance=g, generator=generator, **extra)  # fmt: skip
+                                     neg_text=uncond["text"], guidance=g, generator=generator, on_chunk=on_chunk, **extra)  # fmt: skip
         if student:
             return wan.sample_student(model, noise, cond["text"], times=wan.t_list(steps), neg_text=uncond["text"], guidance=g, generator=generator, **extra)  # fmt: skip
         return wan.sample_euler(model, noise, cond["text"], uncond["text"], steps=steps, guidance=g, **extra)
@@ -629,7 +630,7 @@ def main_text(args):
             extra = image_condition(args, model, vae, image.to(device, next(vae.parameters()).dtype), frames, device)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    start, first_chunk, images = time.time(), None, []
+    start, began, chunk_times, images = time.time(), None, [], []  # when the first rollout began, its chunks ended
     per_prompt = args.n or 1
     with torch.no_grad():
         for k, prompt in enumerate(tqdm(prompts, unit="prompt", desc=f"{args.model} {args.sampler} x{steps}")):
@@ -639,9 +640,8 @@ def main_text(args):
             noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
             generator = torch.Generator(device).manual_seed(args.seed + k)
             batch_extra = {k: v.to(device, dtype).expand(per_prompt, *v.shape[1:]) for k, v in extra.items()}
-            latents = generate_text(args, spec, model, noise, cond, uncond, steps, generator, (height, width), batch_extra)  # fmt: skip
-            if first_chunk is None:
-                first_chunk = time.time() - start
+            began = began or time.time()
+            latents = generate_text(args, spec, model, noise, cond, uncond, steps, generator, (height, width), batch_extra, lambda *_: chunk_times.append(time.time()))  # fmt: skip
             decoded = vae.decode(latents.to(next(vae.parameters()).dtype))  # [-1, 1]
             images.append(decoded.float().cpu())
     elapsed = time.time() - start
@@ -650,8 +650,9 @@ def main_text(args):
         video = np.stack([image_grid(to_uint8(x[:, :, i])) for i in range(x.shape[2])])
         path = write_video(video, os.path.join(args.out_dir, "samples"))
         Image.fromarray(video[0]).save(os.path.join(args.out_dir, "samples.png"))
+        latency = f"; first chunk's latents after {chunk_times[0] - began:.2f} s" if chunk_times else ""
         print(f"wrote {path} and samples.png: {len(x)} videos of {x.shape[2]} frames in {elapsed:.1f} s "
-              f"({len(x) * x.shape[2] / elapsed:.2f} frames/s; the first prompt's videos after {first_chunk:.2f} s)")  # fmt: skip
+              f"({len(x) * x.shape[2] / elapsed:.2f} frames/s{latency})")  # fmt: skip
     else:
         png = os.path.join(args.out_dir, "samples.png")
         Image.fromarray(image_grid(to_uint8(x))).save(png)

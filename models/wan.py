@@ -764,6 +764,7 @@ def causal_sample(
     control=None,
     control_scale=1.0,
     generator=None,
+    on_chunk=None,
 ):
     """Chunk-by-chunk generation with a KV cache (CausVid / Self-Forcing inference, FastGen's AR sampler).
 
@@ -771,7 +772,8 @@ def causal_sample(
     by fresh noise (`stochastic`, the students' default) or along the predicted noise (deterministic: with a many-step
     shifted grid this is the Euler ODE sampler of a causal teacher); then commit the finished chunk with one more pass
     at t = context_noise (0: the clean chunk; > 0: re-noised, which Self-Forcing found robust to its own errors).
-    Returns the x0 latents (B, C, F, H, W). Gradients follow torch's grad mode; Self-Forcing's training rollout, with
+    Returns the x0 latents (B, C, F, H, W); `on_chunk(start_frame, latents)` is called as each chunk is finished.
+    Gradients follow torch's grad mode; Self-Forcing's training rollout, with
     gradient at one exit step per chunk, is written in the training script on top of `forward_chunk`.
     """
     times = torch.as_tensor(times, dtype=torch.float64)
@@ -811,6 +813,8 @@ def causal_sample(
             context = add_noise(x, eps, context_noise)
         flow(context, torch.full((B,), float(context_noise), dtype=torch.float64, device=noise.device), start, True)
         chunks.append(x)
+        if on_chunk is not None:  # streaming: the caller may decode and show the chunk while the next one runs
+            on_chunk(start, x)
         start += n
     return torch.cat(chunks, dim=2)
 
