@@ -260,8 +260,11 @@ def test_causal_sample_rolls_out_chunk_by_chunk():
     noise = torch.randn(1, 4, 5, 4, 4)
     kwargs = dict(chunk_size=2, neg_text=neg, guidance=3.0, context_noise=0.1)
     a = wan.causal_sample(model, noise, text, generator=torch.Generator().manual_seed(0), **kwargs)
-    b = wan.causal_sample(model, noise, text, generator=torch.Generator().manual_seed(0), **kwargs)
+    streamed = []
+    b = wan.causal_sample(model, noise, text, generator=torch.Generator().manual_seed(0), on_chunk=lambda start, x: streamed.append((start, x)), **kwargs)  # fmt: skip
     assert a.shape == noise.shape and torch.isfinite(a).all() and torch.equal(a, b)
+    # each finished chunk is handed out as it is done: frames 0-2 (the first chunk takes the remainder), then 3-4
+    assert [s for s, _ in streamed] == [0, 3] and torch.equal(torch.cat([x for _, x in streamed], 2), a)
     # one chunk holding the whole clip is the bidirectional few-step sampler
     whole = wan.causal_sample(model, noise, text, chunk_size=5, generator=torch.Generator().manual_seed(0))
     student = wan.sample_student(model, noise, text, generator=torch.Generator().manual_seed(0))
