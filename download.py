@@ -657,15 +657,17 @@ def resize_crop(image, height, width):
     return np.asarray(image.crop((left, top, left + width, top + height)))
 
 
-def video_items(folder):
-    """The videos of `folder` in name order (GIFs, MP4s and other containers, sub-folders of frame images), each with
-    its caption from NAME.txt beside it ("" without one): [(path, caption)]."""
+def video_items(folder, out_dir=None):
+    """The videos of `folder` in name order (GIFs, MP4s and other containers, sub-folders of frame images, but not
+    `out_dir`), each with its caption from NAME.txt beside it ("" without one): [(path, caption)]."""
     if not os.path.isdir(folder):
         raise DownloadError(f"{folder} is not a folder of videos")
     items = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         stem = entry.name if entry.is_dir() else os.path.splitext(entry.name)[0]
-        if not entry.name.startswith(".") and (entry.is_dir() or entry.name.lower().endswith(VIDEO_FILES)):
+        if entry.name.startswith(".") or (out_dir and os.path.abspath(entry.path) == os.path.abspath(out_dir)):
+            continue
+        if entry.is_dir() or entry.name.lower().endswith(VIDEO_FILES):
             caption = os.path.join(folder, stem + ".txt")
             items.append((entry.path, Path(caption).read_text().strip() if os.path.exists(caption) else ""))
     if not items:
@@ -747,7 +749,7 @@ def video_latents(folder, out_dir, model, vae_name=None, frames=None, height=Non
         with torch.no_grad():
             return vae.encode(video[None].to(device), sample=False)[0].float().cpu()
 
-    return write_latent_shards(video_items(folder), out_dir, settings, encode, shard_size)
+    return write_latent_shards(video_items(folder, out_dir), out_dir, settings, encode, shard_size)
 
 
 # -----------------------------------------------------------------------------
