@@ -19,6 +19,7 @@ state dict with exactly the keys `state_dict()` of the real network would give (
     python download.py DiT-XL-2-256x256                         # -> imagenet-256/DiT-XL-2-256x256.pt, keys checked
     python download.py sd-vae-ft-mse                            # a Hub repo, into the Hugging Face cache
     python download.py imagenet-latents /data/imagenet/train    # -> datasets/imagenet256-latents, DiT's VAE latents
+    python download.py video-latents videos/ --model wan --out latents/   # latent shards for train_video.py --data
     HF_TOKEN=hf_... python download.py flux-dev                 # gated: accept the licence on the model page first
 
 Downloads resume (HTTP Range) into `<source file name>.part` next to the destination, are checked against
@@ -26,6 +27,9 @@ the sha256 in the table below when one is known (otherwise the digest is printed
 `<destination>.sha256`, and used to check later downloads), and every output is written atomically.
 `fid-ref` runs the FID Inception network (models/inception.py) over every image of a dataset and writes the mean and
 covariance of its features as an .npz with `mu` and `sigma`, the format of EDM's fid-refs.
+`video-latents` encodes a folder of videos (GIFs, MP4s through imageio, sub-folders of frame images; captions in
+NAME.txt) with the family's VAE into the latent shards train_video.py and train_wan_causal.py read (`latents` (N, C, T,
+H, W), metadata `prompts`); shards are written atomically and skipped on a rerun, which must use the same settings.
 `--root` defaults to $CKPT_ROOT_DIR, else ./checkpoints. Hugging Face Hub repos (the `hub` names of --list) go
 through `hub_download`, which honours HF_HOME, HF_HUB_OFFLINE=1, LOCAL_FILES_ONLY=true and HF_TOKEN; only the files the
 models read are fetched (full-precision safetensors and configs, not the fp16/.bin/.ckpt copies), into the Hugging Face
@@ -59,7 +63,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from models import cosmos_predict2, dit, inception, wan
+from models import cogvideox_vae, cosmos_predict2, dit, inception, wan, wan_vae
 
 # -----------------------------------------------------------------------------
 # What can be fetched. Sizes are approximate: the pickles' from parameter counts (EDM fp32, EDM2 fp16).
@@ -627,6 +631,128 @@ def encode_latents(image_folder, out_dir, vae, vae_name="", image_size=256, shar
 
 
 # -----------------------------------------------------------------------------
+# Latent shards of a folder of videos, for `train_video.py --data DIR` and `train_wan_causal.py --data DIR`: shards
+# of N clips, `latents` (N, C, T, H, W) as the denoiser sees them, the N captions as a JSON list in metadata `prompts`.
+
+# --model -> (VAE file, its default weights, frames, height, width); the Wan VAE encodes 1 + 4k frames, CogVideoX's
+# 1 + 8k (models/cogvideox_vae.py). The sizes are each family's training size (Cosmos Predict 2.5: 93 frames of 720p).
+# fmt: off
+VIDEO_FAMILIES = {
+    "wan":             (wan_vae, "wan2.1", 81, 480, 832),
+    "cosmos_predict2": (wan_vae, "wan2.1", 93, 704, 1280),
+    "cogvideox-2b":    (cogvideox_vae, "cogvideox-2b", 49, 480, 720),
+    "cogvideox-5b":    (cogvideox_vae, "cogvideox-5b", 49, 480, 720),
+}
+# fmt: on
+FRAME_IMAGES = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_FILES = (".gif", ".mp4", ".webm", ".mov", ".mkv", ".avi")
+
+
+def resize_crop(image, height, width):
+    """Scale a PIL image to cover height x width (bicubic), then cut the centre: uint8 (height, width, 3)."""
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.convert("RGB").resize(size, resample=Image.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return np.asarray(image.crop((left, top, left + width, top + height)))
+
+
+def video_items(folder, out_dir=None):
+    """The videos of `folder` in name order (GIFs, MP4s and other containers, sub-folders of frame images, but not
+    `out_dir`), each with its caption from NAME.txt beside it ("" without one): [(path, caption)]."""
+    if not os.path.isdir(folder):
+        raise DownloadError(f"{folder} is not a folder of videos")
+    items = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        stem = entry.name if entry.is_dir() else os.path.splitext(entry.name)[0]
+        if entry.name.startswith(".") or (out_dir and os.path.abspath(entry.path) == os.path.abspath(out_dir)):
+            continue
+        if entry.is_dir() or entry.name.lower().endswith(VIDEO_FILES):
+            caption = os.path.join(folder, stem + ".txt")
+            items.append((entry.path, Path(caption).read_text().strip() if os.path.exists(caption) else ""))
+    if not items:
+        raise DownloadError(f"{folder} holds no videos (GIFs, MP4s or sub-folders of frame images)")
+    return items
+
+
+def read_video(path, frames, height, width):
+    """The first `frames` frames of a GIF, an MP4 (through imageio, if installed) or a folder of frame images (in name
+    order), each scaled to cover height x width and centre-cropped: (3, frames, height, width) in [-1, 1]."""
+    from PIL import ImageSequence
+
+    if os.path.isdir(path):
+        source = (Image.open(os.path.join(path, f)) for f in sorted(os.listdir(path)) if f.lower().endswith(FRAME_IMAGES))  # fmt: skip
+    elif path.lower().endswith(".gif"):
+        source = ImageSequence.Iterator(Image.open(path))
+    else:
+        try:
+            import imageio.v3 as iio  # MP4 and other containers, through its ffmpeg plugin
+        except ImportError:
+            raise DownloadError(f"reading {path} needs imageio (pip install imageio imageio-ffmpeg); or give GIFs or folders of frames") from None  # fmt: skip
+        source = (Image.fromarray(f) for f in iio.imiter(path))
+    arrays = [resize_crop(frame, height, width) for frame, _ in zip(source, range(frames))]
+    if len(arrays) < frames:
+        raise DownloadError(f"{path} has {len(arrays)} frames; --frames {frames} needs that many (lower --frames, or leave the clip out)")  # fmt: skip
+    return torch.from_numpy(np.stack(arrays)).permute(3, 0, 1, 2).float().div(127.5).sub(1)
+
+
+def write_latent_shards(items, out_dir, settings, encode, shard_size):
+    """Encode `items` [(path, caption)] with `encode(path) -> latents` into out_dir/shard_NNNNN.safetensors, shard k
+    holding items k * shard_size onwards: `latents` (N, ...) and the N captions as a JSON list in the metadata key
+    `prompts`. settings.json (the settings and a digest of the item names) comes first, and a rerun with other
+    settings or other items is refused; each shard is written atomically and skipped when it exists, so a rerun
+    resumes. Returns the number of shards."""
+    names = "\n".join(os.path.basename(path) for path, _ in items)
+    settings = settings | {"shard_size": shard_size, "items": len(items), "names_sha256": hashlib.sha256(names.encode()).hexdigest()}  # fmt: skip
+    path = os.path.join(out_dir, "settings.json")
+    if os.path.exists(path):
+        old = json.loads(Path(path).read_text())
+        if old != settings:
+            diff = "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in sorted(old.keys() | settings.keys()) if old.get(k) != settings.get(k))  # fmt: skip
+            raise DownloadError(f"{out_dir} holds shards of other settings ({diff}); give another --out, or the same settings to resume")  # fmt: skip
+    else:
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(settings, indent=1))
+    starts = range(0, len(items), shard_size)
+    for k, start in enumerate(tqdm(starts, unit="shard", desc="latents")):
+        dest = os.path.join(out_dir, f"shard_{k:05d}.safetensors")
+        if os.path.exists(dest):
+            continue
+        chunk = items[start : start + shard_size]
+        latents = torch.stack([encode(p) for p, _ in tqdm(chunk, unit="clip", leave=False)])
+        with atomic_output(dest) as tmp:
+            save_file({"latents": latents.contiguous()}, str(tmp), metadata={"prompts": json.dumps([c for _, c in chunk])})  # fmt: skip
+    return len(starts)
+
+
+def video_latents(folder, out_dir, model, vae_name=None, frames=None, height=None, width=None, shard_size=64, device="cpu"):  # fmt: skip
+    """Latent shards of a folder of videos for train_video.py / train_wan_causal.py: the first `frames` frames of each
+    video, centre-cropped to height x width, encoded by the family's VAE to its posterior mean, normalised as the
+    denoiser sees it (Wan / Cosmos: per channel (z - mean) / std; CogVideoX: z * scaling_factor). Returns the shard
+    count."""
+    vae_module, default_vae, *size = VIDEO_FAMILIES[model]
+    frames, height, width = (value or default for value, default in zip((frames, height, width), size))
+    step = 4 if vae_module is wan_vae else 8
+    if frames < 1 or (frames - 1) % step:
+        below = (frames - 1) // step * step + 1
+        raise DownloadError(f"--frames {frames}: the {model} VAE encodes 1 + {step}k frames, e.g. {below} or {below + step}")  # fmt: skip
+    if height % 16 or width % 16:
+        raise DownloadError(f"--height and --width must be multiples of 16 (8 per latent, 2 x 2 latents per token), got {height} x {width}")  # fmt: skip
+    settings = {"command": "video-latents", "model": model, "vae": vae_name or default_vae, "frames": frames, "height": height, "width": width}  # fmt: skip
+    vae = None
+
+    def encode(path):
+        nonlocal vae
+        video = read_video(path, frames, height, width)
+        if vae is None:  # loaded only when there is a shard to write
+            vae = vae_module.from_pretrained(vae_name or default_vae, device=device)
+        with torch.no_grad():
+            return vae.encode(video[None].to(device), sample=False)[0].float().cpu()
+
+    return write_latent_shards(video_items(folder, out_dir), out_dir, settings, encode, shard_size)
+
+
+# -----------------------------------------------------------------------------
 # Hugging Face Hub.
 
 
@@ -773,6 +899,8 @@ def main(argv=None):
         "       %(prog)s convert PICKLE OUT.safetensors [--as NAME]\n"
         "       %(prog)s fid-ref DATASET [--data PATH] [--out REF.npz] [--inception WEIGHTS] [--batch N] [--device DEV]\n"
         "       %(prog)s imagenet-latents IMAGE_FOLDER [--out DIR] [--vae NAME] [--image_size PX] [--batch N] [--device DEV]\n"
+        "       %(prog)s video-latents VIDEO_FOLDER --model MODEL --out DIR [--frames N --height PX --width PX] [--vae NAME]\n"
+        "                [--shard_size N] [--device DEV]\n"
         "       %(prog)s --list",
         description="Download checkpoints and data for nanofastgen; convert EDM/EDM2 pickles to safetensors without "
         "running their code; compute FID reference statistics.",
@@ -781,7 +909,8 @@ def main(argv=None):
         "  python download.py edm2-img64-s-fid --root /data/ckpt\n"
         "  python download.py cifar10\n"
         "  python download.py convert network-snapshot.pkl net.safetensors\n"
-        "  python download.py inception && python download.py fid-ref cifar10",
+        "  python download.py inception && python download.py fid-ref cifar10\n"
+        "  python download.py video-latents videos/ --model wan --out latents/ && python train_video.py --data latents/ ...",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", nargs="?", metavar="NAME", help="a name from --list, 'convert' or 'fid-ref'")
@@ -825,8 +954,16 @@ def main(argv=None):
     fid.add_argument("--inception", metavar="WEIGHTS", help=f"Inception .safetensors (default: {inception.FILE} under --root)")  # fmt: skip
     fid.add_argument("--batch", type=int, default=64, help="images per Inception (or, for imagenet-latents, VAE) call")
     fid.add_argument("--image_size", type=int, default=256, help="imagenet-latents: side of the center crop (256: DiT's ImageNet-256)")  # fmt: skip
-    fid.add_argument("--vae", default="sd-vae-ft-mse", help="imagenet-latents: the autoencoder (models/autoencoder_kl.py name, Hub repo or folder)")  # fmt: skip
+    fid.add_argument("--vae", help="imagenet-latents: the autoencoder (models/autoencoder_kl.py name, Hub repo or folder; default sd-vae-ft-mse); video-latents: the family's VAE (name, Hub repo or folder; default its release)")  # fmt: skip
     fid.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    video = parser.add_argument_group("video-latents (a folder of GIFs, MP4s or sub-folders of frames; captions in NAME.txt)")  # fmt: skip
+    video.add_argument("--model", choices=sorted(VIDEO_FAMILIES), help="the family whose VAE encodes the clips")
+    video.add_argument("--frames", type=int, help="first frames of each clip: 1 + 4k for wan and cosmos_predict2, 1 + 8k for cogvideox (default 81, 93, 49)")  # fmt: skip
+    video.add_argument(
+        "--height", type=int, help="frame height after the centre crop (default 480; cosmos_predict2 704)"
+    )
+    video.add_argument("--width", type=int, help="frame width (default 832; cogvideox 720, cosmos_predict2 1280)")
+    video.add_argument("--shard_size", type=int, default=64, help="clips per shard")
     args = parser.parse_args(argv)
 
     if args.list:
@@ -838,15 +975,17 @@ def main(argv=None):
         parser.error("convert takes two paths: PICKLE OUT.safetensors")
     if args.name == "fid-ref" and len(args.paths) != 1:
         parser.error(f"fid-ref takes one dataset: a name ({', '.join(inception.REFS)}) or a zip or folder of PNGs")
+    if args.name == "video-latents" and (len(args.paths) != 1 or not args.model or not args.out):
+        parser.error("video-latents takes one folder of videos, --model and --out DIR")
     if args.name == "imagenet-latents" and len(args.paths) != 1:
         parser.error("imagenet-latents takes one ImageNet-style folder (a sub-folder of images per class)")
     if (
-        args.name not in ("convert", "fid-ref", "imagenet-latents")
+        args.name not in ("convert", "fid-ref", "imagenet-latents", "video-latents")
         and args.name not in CHECKPOINTS
         and args.name not in HUB
     ):
         parser.error(f"unknown name {args.name!r}; see --list")
-    if args.name not in ("convert", "fid-ref", "imagenet-latents") and args.paths:
+    if args.name not in ("convert", "fid-ref", "imagenet-latents", "video-latents") and args.paths:
         parser.error(f"unexpected arguments after {args.name}: {' '.join(args.paths)}")
     try:
         if args.name == "convert":
@@ -868,9 +1007,15 @@ def main(argv=None):
             from models import autoencoder_kl
 
             out = args.out or "datasets/imagenet256-latents"  # where the dit/sit presets of train_edm.py read
-            vae = autoencoder_kl.from_pretrained(args.vae, device=args.device)
-            encode_latents(args.paths[0], out, vae, args.vae, image_size=args.image_size, batch_size=args.batch, device=args.device)  # fmt: skip
+            vae = autoencoder_kl.from_pretrained(args.vae or "sd-vae-ft-mse", device=args.device)
+            encode_latents(args.paths[0], out, vae, args.vae or "sd-vae-ft-mse", image_size=args.image_size, batch_size=args.batch, device=args.device)  # fmt: skip
             print(f"wrote {out} (train with `train_edm.py --model dit|sit --data {out}`)")
+        elif args.name == "video-latents":
+            n = video_latents(args.paths[0], args.out, args.model, args.vae, args.frames, args.height, args.width, args.shard_size, args.device)  # fmt: skip
+            script = "train_video.py --model " + {"wan": "wan", "cosmos_predict2": "cosmos"}.get(
+                args.model, "cogvideox"
+            )
+            print(f"wrote {n} shards to {args.out} (train with `{script} --data {args.out}`)")
         elif args.name in HUB:
             if args.url or args.sha256 or args.force:
                 parser.error(f"{args.name} comes from the Hugging Face Hub, which checks and resumes its own files; "

@@ -3,6 +3,7 @@ fine-tuning, knowledge distillation from teacher ODE pairs, and distribution mat
 
     python train_video.py --model wan --method dmd2 --tiny --max_steps 10               # any method, seconds on a CPU
     python train_video.py --model cogvideox --method sft --tiny --data DIR --max_steps 20
+    python download.py video-latents videos/ --model wan --out latents/          # --data shards from a folder of videos
     torchrun --nproc_per_node=8 train_video.py --preset dmd2-wan-t2v-1.3b --data latents/ --prompts prompts.txt
     torchrun --nproc_per_node=8 train_video.py --preset kd-wan-t2v-1.3b --prompts prompts.txt --pairs pairs/
     torchrun --nproc_per_node=8 train_video.py --model cosmos --teacher cosmos-predict2.5-14b --method sft \\
@@ -21,13 +22,15 @@ The schedule is the chosen model file's: alpha, sigma, to_x0 / from_x0, sample_t
 (rectified flow, t in [0, 1], shifted times), models/cogvideox.py (DDPM timesteps in [0, 999], zero-terminal-SNR v
 prediction with snr_shift_scale) or models/cosmos_predict2.py (rectified flow, t in [0, 1]); nothing here assumes one.
 
-Data (--data DIR): one .safetensors file per clip, holding
-  latents        (C, T, H, W) float, the latents exactly as the denoiser sees them (wan_vae.encode / cogvideox_vae.encode
+Data (--data DIR): *.safetensors shards of N clips each (the form train_wan_causal.py and train_flux.py read), holding
+  latents        (N, C, T, H, W) float, the latents exactly as the denoiser sees them (wan_vae.encode / cogvideox_vae.encode
                  output: Wan's per-channel normalised latents, CogVideoX's latents times scaling_factor)
-  text           (L, D) optional: the clip's prompt embedding as encoders.py makes it; without it the file's metadata
-                 "prompt" is encoded (and cached) here
-  anything else  passed to the denoiser as a keyword: Wan I2V `image_tokens` (257, 1280) and `image_latents`
-                 (20, T, H, W) from wan.i2v_latents; VACE `control` (96, T, H, W)
+  metadata       "prompts": a JSON list of the N captions, encoded here through encoders.py (cached on disk once)
+  anything else  of leading dimension N, passed to the denoiser as a keyword: Wan I2V `image_tokens` (N, 257, 1280)
+                 and `image_latents` (N, 20, T, H, W) from wan.i2v_latents; VACE `control` (N, 96, T, H, W)
+Every shard holds the same tensors; clips are read from their shard (memory-mapped) as batches draw them. Write the
+shards from a folder of videos with `python download.py video-latents FOLDER --model wan|cogvideox-2b|cogvideox-5b|
+cosmos_predict2 --out DIR` (GIFs, MP4s or folders of frames, captions in NAME.txt).
 Without --data, prompts come from --prompts FILE (one per line): enough for kd and data-free dmd2 (a 1-step student
 starts from noise; a K-step student is fed its own no-grad rollout; GAN heads need real latents, so --gan_weight 0).
 
@@ -110,7 +113,7 @@ parser.add_argument("--model", choices=sorted(MODELS), default="wan", help="mode
 parser.add_argument("--teacher", default="", help="CONFIGS name, Hub repo or local path of the pretrained network (student init; teacher of kd/dmd2)")
 parser.add_argument("--arch", default="", help="CONFIGS name of the architecture for --tiny runs or a --teacher file without config (default: the tiny one)")
 parser.add_argument("--student", default="", help="optional .safetensors to start the student from instead of the teacher")
-parser.add_argument("--data", default="", help="DIR of per-clip .safetensors latents (format in the docstring); sft and the GAN's real branch need it")
+parser.add_argument("--data", default="", help="DIR of latent shards (N clips each; format in the docstring); sft and the GAN's real branch need it")
 parser.add_argument("--prompts", default="", help="text file, one prompt per line (data-free dmd2, kd pairs, sample grids)")
 parser.add_argument("--neg_prompt", default="", help="negative prompt of classifier-free guidance (and --cond_dropout)")
 parser.add_argument("--text_encoder", default="", help="Hub repo or folder of the text encoder (default: the family's pipeline)")
@@ -301,36 +304,52 @@ def teacher_ode(teacher, sched, noise, text, neg_text, cond, guidance, times):
 
 
 class LatentDataset:
-    """DIR/*.safetensors, one clip each: `latents` (C, T, H, W), optional `text` (L, D), other tensors = network
-    keywords; a clip without `text` carries its prompt in the metadata and is encoded through `encode`."""
+    """DIR/*.safetensors shards of N clips each: `latents` (N, C, T, H, W), the N prompts as a JSON list in the
+    metadata key "prompts", and any other tensor of leading dimension N passed to the network as a keyword. Only the
+    index (shard, row) and the prompts are held; `load` reads one clip from its shard (memory-mapped) when a batch
+    needs it. Every prompt is encoded once up front through `encode` (a collective under torchrun) into the text cache,
+    which `lookup` (local) reads per clip."""
 
-    def __init__(self, path, encode):
+    def __init__(self, path, encode, lookup):
         names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
         if not names:
-            raise SystemExit(f"error: --data {path} holds no .safetensors clips (format: see train_video.py --help)")
-        self.files = [os.path.join(path, n) for n in names]
-        with safe_open(self.files[0], "pt") as f:
-            if "latents" not in f.keys():
-                raise SystemExit(f"error: {self.files[0]} has no 'latents' tensor (keys: {list(f.keys())})")
-        prompts = []
-        for file in self.files:
+            raise SystemExit(f"error: --data {path} holds no .safetensors shards (format: see train_video.py --help)")
+        self.rows, self.prompts, self.keys, self.lookup = [], [], None, lookup
+        for name in names:
+            file = os.path.join(path, name)
             with safe_open(file, "pt") as f:
-                if "text" not in f.keys():
-                    prompt = (f.metadata() or {}).get("prompt")
-                    if prompt is None:
-                        raise SystemExit(f"error: {file} has neither a 'text' embedding nor a 'prompt' in its metadata")
-                    prompts.append(prompt)
-        self.prompt_text = dict(zip(prompts, encode(prompts)["text"])) if prompts else {}
+                meta, keys = f.metadata() or {}, sorted(f.keys())
+                shapes = {k: f.get_slice(k).get_shape() for k in keys}
+            if "prompts" not in meta or len(shapes.get("latents", [])) != 5:
+                raise SystemExit(
+                    f"error: {file} is not a shard of latent clips: --data takes *.safetensors shards, each with `latents` "
+                    "(N, C, T, H, W) and the N prompts as a JSON list in the metadata key 'prompts' (one file per clip "
+                    "with `latents` (C, T, H, W) and a metadata 'prompt' is the old format; "
+                    "`python download.py video-latents` writes the shards)"
+                )  # fmt: skip
+            n, prompts = shapes["latents"][0], json.loads(meta["prompts"])
+            if len(prompts) != n or any(shape[:1] != [n] for shape in shapes.values()):
+                raise SystemExit(f"error: {file}: {len(prompts)} prompts and tensors {shapes}; all need N = {n} rows")
+            if "text" in keys:
+                raise SystemExit(f"error: {file}: 'text' is the prompts' embedding, made here; rename that tensor")
+            if self.keys is not None and keys != self.keys:
+                raise SystemExit(f"error: {file} holds {keys}, the shards before it {self.keys}; every shard needs the same tensors")  # fmt: skip
+            self.keys = keys
+            self.rows += [(file, i) for i in range(n)]
+            self.prompts += prompts
+        unique = sorted(set(self.prompts))
+        for i in range(0, len(unique), 64):  # into the cache, a few at a time (the embeddings are not kept here)
+            encode(unique[i : i + 64])
 
     def load(self, i):
-        clip = load_file(self.files[i])
-        if "text" not in clip:
-            with safe_open(self.files[i], "pt") as f:
-                clip["text"] = self.prompt_text[f.metadata()["prompt"]]
-        return clip
+        """Clip i: its tensors (latents (C, T, H, W) and the keywords) and `text`, its prompt's embedding."""
+        file, row = self.rows[i]
+        with safe_open(file, "pt") as f:
+            clip = {k: f.get_slice(k)[row : row + 1][0] for k in self.keys}
+        return clip | {"text": self.lookup([self.prompts[i]])[0]}
 
     def __len__(self):
-        return len(self.files)
+        return len(self.rows)
 
 
 def make_batches(args, dataset, prompt_text, shape):
@@ -753,7 +772,7 @@ def main(args):
         raise SystemExit("error: give --prompts FILE (one prompt per line) or --data DIR")
     prompt_text = encode(prompts)["text"] if prompts else None
     neg_text = encode([args.neg_prompt])["text"].to(device)
-    dataset = LatentDataset(args.data, encode) if args.data else None
+    dataset = LatentDataset(args.data, encode, lambda p: cached_embeddings(encoder, p, cache)["text"]) if args.data else None  # fmt: skip
     if args.latent_shape:
         shape = tuple(int(v) for v in args.latent_shape.split(","))
     elif dataset is not None:

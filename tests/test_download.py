@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -606,3 +606,136 @@ def test_hub_cli_passes_the_entry(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         download.main(["sdxl", "--sha256", "00"])
     assert "--url, --sha256 and --force apply to direct downloads" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# video-latents: latent shards of a folder of videos, through the tiny VAEs of tests/fixtures as local folders.
+
+
+def write_vae_folder(folder, fixture):
+    with safe_open(str(FIXTURES / f"{fixture}.safetensors"), framework="pt") as f:
+        weights = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(("input.", "output."))}
+        config = f.metadata()["config"]
+    folder.mkdir(parents=True)
+    save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(config)
+    return str(folder)
+
+
+def square_frames(height, width, reverse=False):
+    """9 frames (H, W, 3) uint8 of a red square drifting over blue: a few flat colours, which a GIF keeps exactly."""
+    frames = []
+    for t in range(9):
+        a = np.zeros((height, width, 3), np.uint8)
+        a[..., 2] = 90
+        a[10 + t : 30 + t, 5 + 2 * t : 25 + 2 * t] = (200, 60, 10)
+        frames.append(a)
+    return frames[::-1] if reverse else frames
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """clips/: a.gif (80 x 64, captioned), b/ (PNG frames 64 x 96, captioned), c.gif (a reversed, no caption); and the
+    tiny Wan and CogVideoX VAEs as local folders."""
+    root = tmp_path_factory.mktemp("videos")
+    clips = root / "clips"
+    (clips / "b").mkdir(parents=True)
+    for name, reverse in (("a", False), ("c", True)):
+        images = [Image.fromarray(f) for f in square_frames(64, 80, reverse)]
+        images[0].save(clips / f"{name}.gif", save_all=True, append_images=images[1:], duration=40, loop=0)
+    for t, frame in enumerate(square_frames(96, 64)):
+        Image.fromarray(frame).save(clips / "b" / f"{t:03d}.png")
+    (clips / "a.txt").write_text("a red square drifts\n")
+    (clips / "b.txt").write_text("a red square, tall")
+    return root, write_vae_folder(root / "wan_vae", "wan_vae_tiny"), write_vae_folder(root / "cog_vae", "cogvideox_vae_tiny")  # fmt: skip
+
+
+def video_latents(root, vae, out, *flags):
+    size = ["--frames", "9", "--height", "64", "--width", "64", "--shard_size", "2", "--device", "cpu"]
+    download.main(["video-latents", str(root / "clips"), "--vae", vae, "--out", str(out), *size, *flags])
+
+
+def expected_clips():
+    """The three clips as the command should see them: the centre 64 x 64 of each frame, in [-1, 1]."""
+    a, b = np.stack(square_frames(64, 80))[:, :, 8:72], np.stack(square_frames(96, 64))[:, 16:80]
+    c = np.stack(square_frames(64, 80, reverse=True))[:, :, 8:72]
+    return torch.from_numpy(np.stack([a, b, c])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def read_shard(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("latents"), json.loads(f.metadata()["prompts"])
+
+
+def train(script, *flags):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, script, "--tiny", "--method", "sft", "--max_steps", "2", "--save_every", "2", "--num_threads", "1", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_video_latents_are_the_normalised_vae_means_and_train(videos, tmp_path):
+    """Wan: shards of 2 clips with their captions, each clip the tiny VAE's posterior mean, normalised per channel;
+    train_video.py and train_wan_causal.py train on them."""
+    from models import wan_vae
+
+    root, wan_dir, _ = videos
+    out = tmp_path / "latents"
+    video_latents(root, wan_dir, out, "--model", "wan")
+    assert sorted(os.listdir(out)) == ["settings.json", "shard_00000.safetensors", "shard_00001.safetensors"]
+    (l0, p0), (l1, p1) = read_shard(out / "shard_00000.safetensors"), read_shard(out / "shard_00001.safetensors")
+    assert p0 == ["a red square drifts", "a red square, tall"] and p1 == [""]
+    vae = wan_vae.from_pretrained(wan_dir)
+    with torch.no_grad():
+        mean = vae.posterior(expected_clips(), chunked=False).mean
+    stats = [torch.tensor(v).view(1, -1, 1, 1, 1) for v in (vae.cfg.latents_mean, vae.cfg.latents_std)]
+    assert l0.shape == (2, 4, 3, 8, 8)
+    assert torch.allclose(torch.cat([l0, l1]), (mean - stats[0]) / stats[1], atol=1e-5)
+    train("train_video.py", "--model", "wan", "--data", str(out), "--eval_every", "0", "--out_dir", str(tmp_path / "video"))  # fmt: skip
+    train("train_wan_causal.py", "--data", str(out), "--sample_every", "0", "--out_dir", str(tmp_path / "causal"))
+    assert (tmp_path / "video" / "ckpt_0000002").is_dir() and (tmp_path / "causal" / "ckpt_0000002").is_dir()
+
+
+def test_video_latents_resume_and_refuse_other_settings(videos, tmp_path, monkeypatch):
+    """CogVideoX: the posterior mean times scaling_factor; a rerun writes only the missing shard, the same bytes; a
+    rerun with other settings into the same folder is refused."""
+    from models import cogvideox_vae
+
+    root, _, cog_dir = videos
+    out = tmp_path / "latents"
+    video_latents(root, cog_dir, out, "--model", "cogvideox-2b")
+    latents, _ = read_shard(out / "shard_00001.safetensors")
+    vae = cogvideox_vae.from_pretrained(cog_dir)
+    with torch.no_grad():
+        assert torch.allclose(latents, vae.posterior(expected_clips()[2:]).mean * vae.cfg.scaling_factor, atol=1e-5)
+    os.remove(out / "shard_00001.safetensors")
+    read, opened = download.read_video, []
+    monkeypatch.setattr(download, "read_video", lambda path, *a: opened.append(os.path.basename(path)) or read(path, *a))  # fmt: skip
+    video_latents(root, cog_dir, out, "--model", "cogvideox-2b")
+    assert opened == ["c.gif"] and torch.equal(read_shard(out / "shard_00001.safetensors")[0], latents)
+    with pytest.raises(SystemExit, match=r"other settings \(frames: 9 then, 17 now\)"):
+        video_latents(root, cog_dir, out, "--model", "cogvideox-2b", "--frames", "17")
+    with pytest.raises(SystemExit, match="model: 'cogvideox-2b' then, 'cogvideox-5b' now"):
+        video_latents(root, cog_dir, out, "--model", "cogvideox-5b")
+
+
+def test_video_latents_bad_input_is_clear(videos, tmp_path, monkeypatch):
+    root, wan_dir, cog_dir = videos
+    cases = [
+        ("wan", wan_dir, ["--frames", "8"], r"the wan VAE encodes 1 \+ 4k frames, e.g. 5 or 9"),
+        ("cogvideox-2b", cog_dir, ["--frames", "13"], r"the cogvideox-2b VAE encodes 1 \+ 8k frames, e.g. 9 or 17"),
+        ("wan", wan_dir, ["--frames", "13"], r"a.gif has 9 frames; --frames 13 needs that many"),
+        ("wan", wan_dir, ["--height", "72"], "multiples of 16"),
+    ]
+    for i, (model, vae, flags, message) in enumerate(cases):
+        with pytest.raises(SystemExit, match=message):
+            video_latents(root, vae, tmp_path / str(i), "--model", model, *flags)
+    assert os.listdir(tmp_path / "2") == ["settings.json"]  # the failed shard left nothing behind
+    (tmp_path / "mp4" / "clips").mkdir(parents=True)
+    (tmp_path / "mp4" / "clips" / "x.mp4").write_bytes(b"\0" * 64)
+    monkeypatch.setitem(sys.modules, "imageio", None)  # as if imageio were not installed
+    monkeypatch.setitem(sys.modules, "imageio.v3", None)
+    with pytest.raises(SystemExit, match=r"x.mp4 needs imageio \(pip install imageio imageio-ffmpeg\)"):
+        video_latents(tmp_path / "mp4", wan_dir, tmp_path / "out", "--model", "wan")
+    (tmp_path / "empty" / "clips").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="holds no videos"):
+        video_latents(tmp_path / "empty", wan_dir, tmp_path / "out2", "--model", "wan")

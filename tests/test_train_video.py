@@ -2,6 +2,7 @@
 teacher sampler against the model files' own samplers, --tiny runs of every method on Wan, CogVideoX and Cosmos, a
 short DMD2 run that moves the student toward the teacher, exact resume, and FSDP2 / DDP on 2 processes = 1 process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -181,14 +182,18 @@ def run_script(*flags, nproc=None, check=True):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """16 clips of tiny latents (4, 3, 8, 8), prompts in the metadata, and a text cache shared by the runs."""
+    """16 clips of tiny latents (4, 3, 8, 8) in two shards with their prompts in the metadata, and a text cache shared
+    by the runs."""
     root = tmp_path_factory.mktemp("video")
     g = torch.Generator().manual_seed(0)
     pattern = torch.randn(4, 3, 8, 8, generator=g)
+    clips = torch.stack(
+        [(1 if i % 2 else -1) * pattern + 0.1 * torch.randn(4, 3, 8, 8, generator=g) for i in range(16)]
+    )
     os.makedirs(root / "data")
-    for i in range(16):
-        x = (1 if i % 2 else -1) * pattern + 0.1 * torch.randn(4, 3, 8, 8, generator=g)
-        save_file({"latents": x}, str(root / "data" / f"clip_{i:03d}.safetensors"), metadata={"prompt": f"clip {i % 2}"})  # fmt: skip
+    for k in range(2):
+        prompts = json.dumps([f"clip {i % 2}" for i in range(8 * k, 8 * k + 8)])
+        save_file({"latents": clips[8 * k : 8 * k + 8]}, str(root / "data" / f"shard_{k:05d}.safetensors"), metadata={"prompts": prompts})  # fmt: skip
     return root
 
 
@@ -305,7 +310,13 @@ def test_bad_input_gives_a_clear_error(data, tmp_path):
     assert result.returncode != 0 and "GAN heads compare with real latents" in result.stderr
     os.makedirs(tmp_path / "empty")
     result = run_script("--tiny", "--data", str(tmp_path / "empty"), "--out_dir", str(tmp_path), check=False)
-    assert result.returncode != 0 and "holds no .safetensors clips" in result.stderr
+    assert result.returncode != 0 and "holds no .safetensors shards" in result.stderr
+    os.makedirs(tmp_path / "old")  # the former one-file-per-clip form
+    save_file(
+        {"latents": torch.zeros(4, 3, 8, 8)}, str(tmp_path / "old" / "clip.safetensors"), metadata={"prompt": "a"}
+    )
+    with pytest.raises(SystemExit, match=r"clip.safetensors is not a shard .* `latents` \(N, C, T, H, W\).* download.py video-latents"):  # fmt: skip
+        tv.LatentDataset(str(tmp_path / "old"), print, print)
     result = run_script(
         *common(data, "--latent_shape", "8,3,8,8", "--max_steps", "1", "--out_dir", str(tmp_path)), check=False
     )
@@ -317,3 +328,22 @@ def test_help_lists_the_presets():
     assert result.returncode == 0
     for name in tv.PRESETS:
         assert name in result.stdout
+
+
+def test_shards_are_read_per_clip_with_their_keywords(data, tmp_path):
+    """A clip is one row of its shard; other tensors of N rows come along as the network's keywords (VACE's `control`
+    here), and a tiny VACE run trains on them."""
+    g = torch.Generator().manual_seed(1)
+    latents, control = torch.randn(3, 4, 3, 8, 8, generator=g), torch.randn(3, 12, 3, 8, 8, generator=g)
+    os.makedirs(tmp_path / "vace")
+    save_file({"latents": latents, "control": control}, str(tmp_path / "vace" / "shard_00000.safetensors"), metadata={"prompts": json.dumps(["a", "b", "c"])})  # fmt: skip
+    seen = []
+    dataset = tv.LatentDataset(str(tmp_path / "vace"), seen.extend, lambda p: torch.full((len(p), 2, 8), float(ord(p[0]))))  # fmt: skip
+    assert len(dataset) == 3 and seen == ["a", "b", "c"]
+    clip = dataset.load(2)
+    assert torch.equal(clip["latents"], latents[2]) and torch.equal(clip["control"], control[2])
+    assert clip["text"].shape == (2, 8) and clip["text"][0, 0] == ord("c")
+    run_script(*common(data, "--data", str(tmp_path / "vace"), "--arch", "tiny-vace", "--method", "sft", "--max_steps", "2", "--eval_every", "0", "--save_every", "0", "--out_dir", str(tmp_path / "run")))  # fmt: skip
+    save_file({"latents": latents, "control": control[:2]}, str(tmp_path / "vace" / "shard_00001.safetensors"), metadata={"prompts": json.dumps(["a", "b", "c"])})  # fmt: skip
+    result = run_script(*common(data, "--data", str(tmp_path / "vace"), "--method", "sft", "--out_dir", str(tmp_path / "run")), check=False)  # fmt: skip
+    assert result.returncode != 0 and "all need N = 3 rows" in result.stderr
