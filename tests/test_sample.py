@@ -243,7 +243,7 @@ def test_flux_cli_equals_the_model_sampler(tmp_path):
 
     result = run("sample.py", "--model", "flux", "--tiny", "--prompt", "a red fox", "--steps", "3", "--guidance", "2.5", "--out_dir", str(tmp_path))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    args = argparse.Namespace(model="flux", tiny=True, seed=0)
+    args = argparse.Namespace(model="flux", tiny=True, seed=0, ckpt=None, image=None, video=None)
     model, vae, encoder = sample.load_text_model(args, sample.TEXT_MODELS["flux"], torch.device("cpu"), torch.float32)
     cond = encoder(["a red fox"])
     noise = torch.randn((16, 8, 8), generator=torch.Generator().manual_seed(0))[None]
