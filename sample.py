@@ -73,6 +73,7 @@ class TextModel:
     module: object
     model_class: type
     vae: object  # the autoencoder's model file
+    vae_class: type  # its network, for --tiny
     pipeline: str  # default Hub repo of the encoders and autoencoder (the teacher's)
     teacher: str  # the teacher's sampler
     steps: int
@@ -82,12 +83,12 @@ class TextModel:
 
 
 TEXT_MODELS = {
-    "flux": TextModel(flux, flux.FluxModel, autoencoder_kl, "black-forest-labs/FLUX.1-dev", "euler", 28, 3.5, (1024, 1024, 0), {"clip": 16, "t5": 32}),  # guidance: the distilled embedding
-    "sd15": TextModel(sd15, sd15.UNet, autoencoder_kl, "stable-diffusion-v1-5/stable-diffusion-v1-5", "ddim", 50, 7.5, (512, 512, 0), {"clip": 32}),
-    "sdxl": TextModel(sdxl, sdxl.UNet, autoencoder_kl, "stabilityai/stable-diffusion-xl-base-1.0", "euler", 50, 5.0, (1024, 1024, 0), {"clip": 32, "clip2": 32}),
-    "wan": TextModel(wan, wan.WanModel, wan_vae, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "euler", 50, 5.0, (480, 832, 81), {"umt5": 32}),
-    "cogvideox": TextModel(cogvideox, cogvideox.CogVideoXTransformer, cogvideox_vae, "THUDM/CogVideoX-2b", "ddim", 50, 6.0, (480, 720, 49), {"t5": 32}),
-    "cosmos_predict2": TextModel(cosmos_predict2, cosmos_predict2.CosmosPredict2, wan_vae, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "euler", 35, 8.0, (704, 1280, 93), {"qwen": 20}),
+    "flux": TextModel(flux, flux.FluxModel, autoencoder_kl, autoencoder_kl.AutoencoderKL, "black-forest-labs/FLUX.1-dev", "euler", 28, 3.5, (1024, 1024, 0), {"clip": 16, "t5": 32}),  # guidance: the distilled embedding
+    "sd15": TextModel(sd15, sd15.UNet, autoencoder_kl, autoencoder_kl.AutoencoderKL, "stable-diffusion-v1-5/stable-diffusion-v1-5", "ddim", 50, 7.5, (512, 512, 0), {"clip": 32}),
+    "sdxl": TextModel(sdxl, sdxl.UNet, autoencoder_kl, autoencoder_kl.AutoencoderKL, "stabilityai/stable-diffusion-xl-base-1.0", "euler", 50, 5.0, (1024, 1024, 0), {"clip": 32, "clip2": 32}),
+    "wan": TextModel(wan, wan.WanModel, wan_vae, wan_vae.WanVAE, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "euler", 50, 5.0, (480, 832, 81), {"umt5": 32}),
+    "cogvideox": TextModel(cogvideox, cogvideox.CogVideoXTransformer, cogvideox_vae, cogvideox_vae.AutoencoderKLCogVideoX, "THUDM/CogVideoX-2b", "ddim", 50, 6.0, (480, 720, 49), {"t5": 32}),
+    "cosmos_predict2": TextModel(cosmos_predict2, cosmos_predict2.CosmosPredict2, wan_vae, wan_vae.WanVAE, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "euler", 35, 8.0, (704, 1280, 93), {"qwen": 20}),
 }  # fmt: skip
 TINY_TEXT = {
     "flux": "tiny",
@@ -424,7 +425,7 @@ def load_text_model(args, spec, device, dtype):
         vae_cfg = spec.vae.CONFIGS["tiny"]
         if args.model == "flux":  # Flux's autoencoder has 16 latent channels
             vae_cfg = replace(vae_cfg, latent_channels=flux.LATENT_CHANNELS)
-        vae = spec.vae.__dict__[type_name(spec.vae)](vae_cfg).eval()
+        vae = spec.vae_class(vae_cfg).eval()
         encoder = TextEncoder(encoder_family(args.model), tiny=spec.tiny, device=device)
         return model.to(device, dtype), vae.to(device), encoder
     if args.ckpt is None:
@@ -457,10 +458,6 @@ def trained_config(module, path):
         return None
     fields = json.loads(text)
     return module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-
-
-def type_name(vae_module):
-    return {autoencoder_kl: "AutoencoderKL", wan_vae: "WanVAE", cogvideox_vae: "AutoencoderKLCogVideoX"}[vae_module]
 
 
 def vae_factors(vae):
