@@ -43,8 +43,11 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
+import zipfile
 from dataclasses import replace
 
 import numpy as np
@@ -289,27 +292,52 @@ parser.add_argument("--eval_every", type=int, default=500, help="sample grid (an
 parser.add_argument("--eval_n", type=int, default=1000, help="samples per toy-FID evaluation (0 = no toy FID)")
 parser.add_argument("--quality_report", action=argparse.BooleanOptionalAction, default=False, help="at the end, teacher 35 / teacher 1 / student 1 table (toy data)")
 parser.add_argument("--save_every", type=int, default=1000)
-parser.add_argument("--out_dir", default="out/train_edm")
-parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out_dir")
+parser.add_argument("--out_dir", default=None, help="the run's directory (default out/train_edm/<preset, or model-method>[-tiny])")
+parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its newest checkpoint (same model and method)")
+parser.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds another run, removing its files")
+parser.add_argument("--max_skipped_steps", type=int, default=5, help="stop after this many consecutive steps skipped for a non-finite loss or gradient")
+parser.add_argument("--print_config", action="store_true", help="print the resolved configuration (JSON, derived values included) and exit")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
 parser.add_argument("--wandb", default="", help="also log to this wandb project (if wandb is installed)")
 # fmt: on
 
 
+DEFAULTS = {action.dest: action.default for action in parser._actions}
+# Every numeric flag by the range it must lie in (tests/test_bad_input.py checks that none is missing).
+FLAG_RANGES = {
+    "positive": ["batch_size", "p_std", "t_max", "ct_q", "ct_kimg_per_stage", "fd_eps", "transition_t", "r_p_std", "student_update_freq", "student_steps", "ratio_lower", "ratio_upper", "huber_c", "adam_eps", "grad_clip", "max_skipped_steps"],
+    "learning_rate": ["lr"],
+    "unit": ["dropout", "label_dropout", "beta1", "beta2", "critic_lr", "ct_ratio_limit", "boundary_prob", "r_ratio", "ratio_ema"],
+    "non_negative": ["micro_batch", "max_steps", "weight_decay", "warmup_steps", "lr_decay_steps", "tangent_warmup_steps", "w_boundary", "mf_norm_p", "mf_norm_c", "gan_weight", "r1_weight", "r1_alpha", "ratio_bins", "eval_every", "eval_n", "save_every", "num_threads", "guidance", "seed"],
+    "finite": ["p_mean", "r_p_mean"],
+}  # fmt: skip
+# What makes two runs the same run: --resume refuses a checkpoint whose args.json differs in these.
+RUN_IDENTITY = ["script", "model", "method", "teacher", "arch", "tiny"]
+
+
 def parse_args(argv=None):
     """Flags over the preset over argparse defaults. With neither --preset nor --method, the 'toy' preset applies."""
     known = parser.parse_known_args(argv)[0]
     preset = known.preset or ("" if known.method else "toy")
+    parser.set_defaults(**DEFAULTS)  # a clean slate when called more than once in a process (tests)
     if preset:
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
     args.preset = preset
     args.t_max = args.t_max or MODELS[args.model][0].T_MAX
     if args.native_weighting and args.model not in ("dit", "sit"):
-        parser.error("--native_weighting is for --model dit|sit (edm/edm2 predict x0 natively)")
+        fail("--native_weighting is for DiT/SiT", "--native_weighting", "drop it: edm/edm2 predict x0 natively")
     if args.tiny:  # the same code path at CPU size
         args.batch_size, args.eval_n = min(args.batch_size, 8), min(args.eval_n, 16)
+    args.out_dir = args.out_dir or os.path.join("out", "train_edm", (preset or f"{args.model}-{args.method}") + "-tiny" * args.tiny)  # fmt: skip
+    check_flag_ranges(args, FLAG_RANGES)
+    micro, accum = split_batch(args.batch_size, args.micro_batch, int(os.environ.get("WORLD_SIZE", 1)))
+    if args.print_config:
+        emas = [dict(name=f"ema_{s.replace('power:', 'p')}", kind="power" if s.startswith("power:") else "constant", value=float(s.split(":")[-1])) for s in args.ema.split(",") if s]  # fmt: skip
+        derived = dict(world_size=int(os.environ.get("WORLD_SIZE", 1)), micro_batch_per_process=micro, accumulation_steps=accum, emas=emas)  # fmt: skip
+        print(json.dumps(vars(args) | {"derived": derived}, indent=1))
+        raise SystemExit(0)
     return args
 
 
@@ -321,8 +349,6 @@ class ImageDataset:
     """An EDM-style dataset: a zip or folder of PNGs with optional `dataset.json` {"labels": [[name, class], ...]}."""
 
     def __init__(self, path):
-        import zipfile
-
         self.zip = zipfile.ZipFile(path) if os.path.isfile(path) else None
         names = self.zip.namelist() if self.zip else [os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/") for d, _, fs in os.walk(path) for f in fs]  # fmt: skip
         self.path, self.names = path, sorted(n for n in names if n.lower().endswith(".png"))
@@ -333,6 +359,9 @@ class ImageDataset:
             meta = json.loads(self._read("dataset.json"))
             if meta.get("labels"):
                 table = dict(meta["labels"])
+                missing = [n for n in self.names if n not in table]
+                if missing:
+                    fail(f"{len(missing)} images have no label in dataset.json (first: {missing[0]})", f"--data {path}", "label every image, or remove dataset.json's labels for unconditional data")  # fmt: skip
                 self.labels = torch.tensor([table[n] for n in self.names])
 
     def _read(self, name):
@@ -344,7 +373,10 @@ class ImageDataset:
     def __getitem__(self, i):
         import io
 
-        img = np.asarray(Image.open(io.BytesIO(self._read(self.names[i]))).convert("RGB"))
+        try:
+            img = np.array(Image.open(io.BytesIO(self._read(self.names[i]))).convert("RGB"))
+        except (OSError, ValueError, zipfile.BadZipFile):
+            fail(f"{self.names[i]} is not a readable PNG image", f"--data {self.path}", "replace or remove the file")
         return torch.from_numpy(img).permute(2, 0, 1)
 
     def __len__(self):
@@ -945,27 +977,173 @@ def quality_report(args, student, teacher, module, cfg, device, classifier):
     print(table)
 
 
-def save_checkpoint(args, step, networks, state, config_json):
-    """ckpt_NNNNNNN/ written as a temporary directory and renamed, so a crash never leaves a half checkpoint.
-    `networks`: name -> module, each saved as NAME.safetensors (the networks' config in the metadata, except for the
-    script's own GAN heads); `state`: optimizer and other training state for state.pt."""
-    final = os.path.join(args.out_dir, f"ckpt_{step:07d}")
+# ----------------------------------------------------------------------------
+# Runs that can be trusted for a week: bad input ends with one line and exit code 2 before anything loads; a run
+# directory holds one run; a step with a non-finite loss or gradient is skipped on every process, and a checkpoint
+# is written only when every weight is finite, fsynced, then renamed into place. The functions of this section are
+# the same, word for word, in every training script (tests/test_hygiene.py keeps them so); what differs per script
+# is its FLAG_RANGES and RUN_IDENTITY.
+
+
+def fail(what, where, fix, code=2):
+    """Stop with `error: <what> (<where>): <fix>` on stderr: exit code 2 for bad input, 1 for a run that cannot go
+    on. No traceback: the line says everything the user needs."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        what = " ".join(str(what).split())  # one line, whatever the message it quotes
+        tqdm.write(f"error: {what} ({where}): {fix}", file=sys.stderr)  # on its own line, below a progress bar
+    raise SystemExit(code)
+
+
+def check_flag_ranges(args, ranges):
+    """Every numeric flag against its range, before anything loads; `ranges`: kind -> flag names."""
+    tests = {
+        "positive": (lambda v: v > 0, "a number > 0"),
+        "non_negative": (lambda v: v >= 0, "a number >= 0"),
+        "unit": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "learning_rate": (lambda v: 0 < v <= 1, "a learning rate in (0, 1]: Adam's lr is a step in weight units"),
+        "finite": (lambda v: True, "a finite number"),
+    }
+    for kind, names in ranges.items():
+        accept, wanted = tests[kind]
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and accept(value)):
+                fail(f"--{name} {value} is out of range", f"--{name}", f"give {wanted}")
+
+
+def split_batch(batch_size, micro_batch, world):
+    """(per-process micro-batch, accumulation rounds) that make up exactly `batch_size` over `world` processes."""
+    if batch_size % world:
+        fail(f"the global batch {batch_size} does not split over {world} processes", "--batch_size", f"give a multiple of {world}")  # fmt: skip
+    micro = micro_batch or batch_size // world
+    if (batch_size // world) % micro:
+        fail(f"{batch_size // world} samples per process are not a whole number of micro-batches of {micro}", "--micro_batch", f"give a divisor of {batch_size // world}")  # fmt: skip
+    return micro, batch_size // (world * micro)
+
+
+def checkpoints(out_dir):
+    """The finished checkpoints ckpt_NNNNNNN of a run directory, oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}", d))
+
+
+def prepare_run_dir(args, identity, master):
+    """Check --out_dir before anything loads and claim it for this run. Returns the checkpoint to resume or None.
+    A directory that holds another run's files is refused unless --resume (continue it: the saved args.json must
+    name the same `identity` flags) or --overwrite (its checkpoints, metrics and samples are removed)."""
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"{out} is a file", "--out_dir", "name a directory for the run")
+    run_files = ["args.json", "metrics.jsonl", "samples", "quality.md", "quality.png", "metrics.png"]
+    held = [p for p in (os.path.join(out, n) for n in run_files) if os.path.exists(p)] + checkpoints(out)
+    ckpt = None
+    if args.resume:
+        for ckpt in reversed(checkpoints(out)):  # the newest complete one (a checkpoint always holds these two)
+            if all(os.path.isfile(os.path.join(ckpt, n)) for n in ("args.json", "state.pt")):
+                break
+        else:
+            fail(f"no checkpoint ckpt_NNNNNNN to resume in {out}", "--resume", "name the run's --out_dir, or drop --resume to start a new run")  # fmt: skip
+        with open(os.path.join(ckpt, "args.json")) as f:
+            saved = json.load(f)
+        mine = vars(args) | {"script": os.path.basename(__file__)}
+        mismatch = [k for k in identity if saved.get(k) != mine.get(k)]
+        if mismatch:
+            detail = ", ".join(f"--{k} {saved.get(k)!r} there, {mine.get(k)!r} here" for k in mismatch)
+            fail(f"{ckpt} is another run ({detail})", "--resume", "resume with the run's own flags, or choose another --out_dir")  # fmt: skip
+        changed = {k: (saved[k], v) for k, v in vars(args).items() if k in saved and saved[k] != v and k != "resume"}
+        if master and changed:
+            print("resuming with changed flags: " + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))  # fmt: skip
+    elif held and not args.overwrite:
+        fail(f"{out} holds another run ({os.path.basename(held[0])})", "--out_dir", "continue it with --resume, replace it with --overwrite, or choose another --out_dir")  # fmt: skip
+    if dist.is_initialized():  # every process has looked before the first one writes
+        dist.barrier()
+    if not master:
+        return ckpt
+    if held and not args.resume:
+        for path in held:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"--overwrite: removed the earlier run in {out}")
+    for stale in (d for d in os.listdir(out) if d.endswith(".tmp")) if os.path.isdir(out) else []:
+        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
+        print(f"removed {stale}, a checkpoint left unfinished by a crash")
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    if not args.resume:  # the run's flags as started; each checkpoint holds the flags it was written with
+        write_atomic(os.path.join(out, "args.json"), json.dumps(vars(args) | {"script": os.path.basename(__file__)}, indent=1).encode())  # fmt: skip
+    return ckpt
+
+
+def write_atomic(path, data):
+    """Bytes to a file that either holds all of them or keeps its old content (temp file, fsync, rename)."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def open_metrics(out_dir, start):
+    """metrics.jsonl for appending, one flushed line per record. On resume the lines past the resumed step (written
+    after the checkpoint, before the crash) are dropped, so the log reads as one run."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start]
+        write_atomic(path, "".join(lines).encode())
+    return open(path, "a", buffering=1)  # line-buffered: every record reaches the file as it is written
+
+
+def all_finite(*values):
+    """Whether every tensor is finite on every process: all processes take the same decision."""
+    flag = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def nonfinite_tensors(state_dicts):
+    """Names of the floating tensors holding a NaN or an infinity: `state_dicts` is name -> state dict."""
+    return [f"{name}.{k}" for name, sd in state_dicts.items() for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]  # fmt: skip
+
+
+def save_checkpoint(out_dir, step, tensors, metadata, state, args_json):
+    """ckpt_NNNNNNN/: NAME.safetensors per entry of `tensors` (name -> state dict, with `metadata[name]`), state.pt,
+    args.json. Refused when a weight is not finite; written to ckpt_NNNNNNN.tmp, fsynced, then renamed, so a crash
+    or a full disk never leaves a half checkpoint nor touches an earlier one."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        fail(f"step {step}: {len(bad)} weight tensors are not finite ({', '.join(bad[:3])}, ...)", out_dir, "the run diverged; nothing was saved: lower --lr and --resume from the last checkpoint", code=1)  # fmt: skip
+    final = os.path.join(out_dir, f"ckpt_{step:07d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, network in networks.items():
-        meta = {"step": str(step)} | ({"config": config_json} if name != "discriminator" else {})
-        save_file({k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}, os.path.join(tmp, f"{name}.safetensors"), metadata=meta)  # fmt: skip
-    torch.save(state | {"step": step}, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args) | {"step": step}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name, sd in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, os.path.join(tmp, f"{name}.safetensors"), metadata=metadata[name])  # fmt: skip
+        torch.save(state | {"step": step}, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            f.write(args_json)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(final):  # the same step saved again in this run (a resumed run ending where it started)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        dir_fd = os.open(out_dir, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"could not write checkpoint step {step}: {e.strerror or e}", final, "free disk space or fix permissions, then --resume from the last checkpoint", code=1)  # fmt: skip
+    return final
 
 
-def latest_checkpoint(out_dir):
-    ckpts = sorted(d for d in os.listdir(out_dir) if d.startswith("ckpt_") and not d.endswith(".tmp")) if os.path.isdir(out_dir) else []  # fmt: skip
-    return os.path.join(out_dir, ckpts[-1]) if ckpts else None
+def load_pretrained(module, name, **switches):
+    """module.from_pretrained, with a missing or unreadable file reported as bad input."""
+    try:
+        return module.from_pretrained(name, **switches)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        fail(f"cannot load {name}: {e}", "--teacher", "download it with download.py, or give a .safetensors path")
 
 
 def ema_beta(spec, step):
@@ -996,12 +1174,15 @@ def main(args):
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     master = rank == 0
+    ckpt = prepare_run_dir(args, RUN_IDENTITY, master)  # before anything loads: the run directory is this run's
     if master:
-        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
         print(json.dumps(vars(args)))
 
     module, Precond = MODELS[args.model]
-    batch_fn, (channels, resolution), num_classes = make_data(args)
+    try:
+        batch_fn, (channels, resolution), num_classes = make_data(args)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        fail(f"cannot read the data: {e}", f"--data {args.data}", "give an EDM-style zip or folder of PNGs, a latent folder, or toy")  # fmt: skip
     is_dit = args.model in ("dit", "sit")
 
     # Networks: the student (trainable), its EMAs, and frozen teacher / stage-one models where the method needs them.
@@ -1016,7 +1197,7 @@ def main(args):
         switches["dropout"] = args.dropout
     switches["label_dropout"] = args.label_dropout
     if args.teacher and not args.tiny:
-        student = module.from_pretrained(args.teacher, **switches)
+        student = load_pretrained(module, args.teacher, **switches)
         cfg = student.cfg
     elif is_dit:  # from scratch: --arch's size (the schedule is --model's), or the tiny config at the data's shape
         base = replace(module.CONFIGS[args.arch], schedule=module.schedule) if args.arch else replace(module.tiny, input_size=resolution, patch_size=max(resolution // 8, 1))  # fmt: skip
@@ -1049,12 +1230,15 @@ def main(args):
             ref = teacher.state_dict()
             teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in ref and v.shape == ref[k].shape}, strict=False)  # fmt: skip
         else:
-            teacher = module.from_pretrained(args.teacher)
+            teacher = load_pretrained(module, args.teacher)
         teacher = teacher.to(device).eval().requires_grad_(False)
     stage1 = None
     if args.method == "tcm":
         if args.stage1:
-            module.load_checkpoint(student, args.stage1, adapt=False)
+            try:
+                module.load_checkpoint(student, args.stage1, adapt=False)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                fail(f"cannot load the stage-one student: {e}", f"--stage1 {args.stage1}", "give the student.safetensors of a --method cm run on the same architecture")  # fmt: skip
         elif not args.tiny:
             raise SystemExit("error: --method tcm needs --stage1 CKPT, a student trained with --method cm")
         stage1 = Precond(cfg)
@@ -1100,8 +1284,7 @@ def main(args):
     critic_optimizer = opt_class(critic_params, lr=critic_lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay) if critic_params else None  # fmt: skip
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    micro = args.micro_batch or max(1, args.batch_size // world)
-    accum = max(1, args.batch_size // (micro * world))
+    micro, accum = split_batch(args.batch_size, args.micro_batch, world)
 
     # What a checkpoint holds: every trained network and the state to continue exactly.
     networks = {"student": student, **{f"ema_{name}": ema for name, ema in emas.items()}}
@@ -1109,13 +1292,15 @@ def main(args):
     optimizers = {"optimizer": optimizer, "critic_optimizer": critic_optimizer, "scaler": scaler}
     optimizers = {name: o for name, o in optimizers.items() if o is not None}
     start = 0
-    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     if ckpt:
-        for name, network in networks.items():
-            network.load_state_dict(load_file(os.path.join(ckpt, f"{name}.safetensors")))
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location=device)
-        for name, o in optimizers.items():
-            o.load_state_dict(state[name])
+        try:
+            for name, network in networks.items():
+                network.load_state_dict(load_file(os.path.join(ckpt, f"{name}.safetensors")))
+            state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location=device)
+            for name, o in optimizers.items():
+                o.load_state_dict(state[name])
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            fail(f"{ckpt} does not fit this run's networks: {str(e)[:300]}", "--resume", "resume with the flags the run was started with")  # fmt: skip
         bins.copy_(state["ratio_bins"])
         start = state["step"]
         if master:
@@ -1126,7 +1311,7 @@ def main(args):
         import toy
 
         classifier = toy.load_classifier().to(device)
-    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    log = open_metrics(args.out_dir, start) if master else None
     wandb = None
     if args.wandb and master:
         import wandb
@@ -1154,12 +1339,12 @@ def main(args):
         )
         record = {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
         log.write(json.dumps(record) + "\n")
-        log.flush()
         return metrics
 
     if master and args.eval_every and start == 0:  # the first evaluation: the student as initialised
         eval_and_log(0)
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, unit="step")
+    skipped = bad_steps = 0  # updates skipped for a non-finite loss or gradient: in all, and in a row
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
@@ -1206,18 +1391,30 @@ def main(args):
             (optimizer, list(student.parameters())) if generator_step else (critic_optimizer, critic_params)
         )
         scaler.unscale_(active)
-        for p in params:
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-        # The student's gradient is clipped; the critic's is not (FastGen clips the student only).
+        # The student's gradient is clipped; the critic's is not (FastGen clips the student only). The norm is the
+        # true one: a NaN or infinity anywhere in the gradient makes it non-finite.
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if generator_step else math.inf)
-        scaler.step(active)
+        # A non-finite loss or gradient on any process: every process skips this update (under fp16 an overflowing
+        # gradient with a finite loss is the scaler's to skip, and it lowers its scale).
+        loss_finite, grad_finite = all_finite(loss), all_finite(grad_norm)
+        step_taken = loss_finite and (grad_finite or scaler.is_enabled())
+        if step_taken:
+            scaler.step(active)
+            bad_steps = 0
+        else:
+            skipped, bad_steps = skipped + 1, bad_steps + 1
+            if master:
+                bar.write(f"step {step + 1}: non-finite {'loss' if not loss_finite else 'gradient'}, update skipped ({bad_steps} in a row)")  # fmt: skip
+            if bad_steps >= args.max_skipped_steps:
+                bar.close()
+                last = checkpoints(args.out_dir)
+                fail(f"{bad_steps} consecutive steps had a non-finite loss or gradient (up to step {step + 1})", "--max_skipped_steps", f"the run diverged: lower --lr and --resume from {last[-1] if last else 'a new run'}", code=1)  # fmt: skip
         scaler.update()
         active.zero_grad(set_to_none=True)
         if args.model == "edm2":  # keep every weight row at unit norm (EDM2 Eq. 66)
             edm2.forced_weight_normalization(student if generator_step else fake)
-        with torch.no_grad():  # every step, critic steps included, as FastGen's EMA callback does
-            for spec, ema in zip(args.ema.split(","), emas.values()):
+        with torch.no_grad():  # every step taken, critic steps included, as FastGen's EMA callback does
+            for spec, ema in zip(args.ema.split(",") if step_taken else [], emas.values()):
                 beta = ema_beta(spec, step + 1)
                 for p_ema, p in zip(ema.parameters(), student.parameters()):
                     p_ema.lerp_(p.detach(), 1 - beta)
@@ -1228,7 +1425,7 @@ def main(args):
         if master:
             images_per_s = args.batch_size / (time.time() - tic)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:.0f}")
-            record = {"step": step_done, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_per_s, **logs}  # fmt: skip
+            record = {"step": step_done, "loss": loss.item(), "grad_norm": grad_norm.item(), "skipped": skipped, "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_per_s, **logs}  # fmt: skip
             log.write(json.dumps(record) + "\n")
             if wandb:
                 wandb.log(record, step=step_done)
@@ -1238,7 +1435,12 @@ def main(args):
                     bar.write(f"step {step_done}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             if args.save_every and (step_done % args.save_every == 0 or step_done == args.max_steps):
                 state = {name: o.state_dict() for name, o in optimizers.items()} | {"ratio_bins": bins}
-                save_checkpoint(args, step_done, networks, state, module.config_to_json(cfg))
+                tensors = {name: network.state_dict() for name, network in networks.items()}
+                # the networks' Config rides in the metadata (sample.py builds them from it); the GAN heads are ours
+                config = module.config_to_json(cfg)
+                metadata = {name: {"step": str(step_done)} | ({"config": config} if name != "discriminator" else {}) for name in tensors}  # fmt: skip
+                args_json = json.dumps(vars(args) | {"script": os.path.basename(__file__), "step": step_done}, indent=1)  # fmt: skip
+                save_checkpoint(args.out_dir, step_done, tensors, metadata, state, args_json)
     if master:
         log.close()
         if args.quality_report and classifier is not None and teacher is not None:
