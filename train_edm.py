@@ -165,7 +165,7 @@ class DiTSchedule:
         native = dit.from_pretrained(name_or_path, **overrides)
         if native.cfg.schedule != self.schedule:
             model = "sit" if native.cfg.schedule == "rf" else "dit"
-            raise SystemExit(f"error: {name_or_path} is a {native.cfg.schedule} network; train it with --model {model}")  # fmt: skip
+            fail(f"{name_or_path} is a {native.cfg.schedule} network", "--model", f"train it with --model {model}")
         with torch.device("meta"):
             model = EDMDiT(native.cfg)
         model.load_state_dict(native.state_dict(), assign=True)
@@ -328,6 +328,12 @@ def parse_args(argv=None):
     args.t_max = args.t_max or MODELS[args.model][0].T_MAX
     if args.native_weighting and args.model not in ("dit", "sit"):
         fail("--native_weighting is for DiT/SiT", "--native_weighting", "drop it: edm/edm2 predict x0 natively")
+    if args.dropout is not None and args.model in ("dit", "sit"):
+        fail("DiT/SiT have no dropout", "--dropout", "drop --dropout")
+    if args.method == "fdistill" and args.gan_weight <= 0:
+        fail("--method fdistill reads the density ratio off the GAN heads", "--gan_weight", "give --gan_weight > 0")
+    if args.method == "kd" and args.xflip:
+        fail("--xflip would flip the teacher's outputs but not its inputs", "--xflip", "drop it for --method kd")
     if args.tiny:  # the same code path at CPU size
         args.batch_size, args.eval_n = min(args.batch_size, 8), min(args.eval_n, 16)
     args.out_dir = args.out_dir or os.path.join("out", "train_edm", (preset or f"{args.model}-{args.method}") + "-tiny" * args.tiny)  # fmt: skip
@@ -492,18 +498,18 @@ def make_pairs(args):
     states of each teacher trajectory then its output, with labels."""
     index_file = os.path.join(args.pairs, "pairs.json")
     if not args.pairs or not os.path.exists(index_file):
-        raise SystemExit(f"error: --method kd needs --pairs DIR written by `sample.py --save_pairs DIR` ({index_file or '--pairs'} not found)")  # fmt: skip
+        fail(f"{index_file if args.pairs else 'no --pairs'} not found", "--pairs", "--method kd reads teacher pairs: write them with `sample.py --save_pairs DIR`")  # fmt: skip
     with open(index_file) as f:
         meta = json.load(f)
     if not meta["shards"]:
-        raise SystemExit(f"error: {args.pairs} is incomplete; rerun the sample.py --save_pairs command to finish it")
+        fail(f"{args.pairs} holds no finished shard", "--pairs", "rerun the sample.py --save_pairs command to finish it")
     shards = [load_file(os.path.join(args.pairs, name)) for name in meta["shards"]]
     states = torch.cat([s["states"] for s in shards])
     pairs = torch.cat([states, torch.cat([s["x0"] for s in shards]).unsqueeze(1)], dim=1)
     labels = torch.cat([s["labels"] for s in shards])
     P = states.shape[1]
     if P % args.student_steps:
-        raise SystemExit(f"error: pairs hold {P} trajectory states; a {args.student_steps}-step student needs a divisor of {P}")  # fmt: skip
+        fail(f"the pairs hold {P} trajectory states", "--student_steps", f"give a divisor of {P}")
 
     def batch(step, shard, n):
         index = torch.randint(len(pairs), (n,), generator=torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 0)))  # fmt: skip
@@ -1192,8 +1198,6 @@ def main(args):
         if is_dit:  # r enters as the interval t - r (FastGen's DiT MeanFlow configs)
             switches["time_cond_type"] = "diff"
     if args.dropout is not None:
-        if is_dit:
-            raise SystemExit("error: DiT/SiT have no dropout; drop --dropout")
         switches["dropout"] = args.dropout
     switches["label_dropout"] = args.label_dropout
     if args.teacher and not args.tiny:
@@ -1216,10 +1220,6 @@ def main(args):
         student = Precond(cfg)
     use_labels = net_shape(cfg)[2] > 0 and not args.uncond and num_classes > 0
     distribution_matching = args.method in ("dmd2", "fdistill")
-    if args.method == "fdistill" and args.gan_weight <= 0:
-        raise SystemExit("error: --method fdistill reads the density ratio off the GAN heads; give --gan_weight > 0")
-    if args.method == "kd" and args.xflip:
-        raise SystemExit("error: --xflip would flip the teacher's outputs but not its inputs; drop it for --method kd")
     # What a frozen copy switches off: method heads, dropout, label dropout (DiT/SiT have no dropout).
     frozen = dict(logvar_head=False, r_timestep=False, label_dropout=0.0) | ({} if is_dit else dict(dropout=0.0))
     teacher = None
@@ -1240,7 +1240,7 @@ def main(args):
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 fail(f"cannot load the stage-one student: {e}", f"--stage1 {args.stage1}", "give the student.safetensors of a --method cm run on the same architecture")  # fmt: skip
         elif not args.tiny:
-            raise SystemExit("error: --method tcm needs --stage1 CKPT, a student trained with --method cm")
+            fail("--method tcm trains stage two", "--stage1", "give --stage1 CKPT, a student trained with --method cm")
         stage1 = Precond(cfg)
         stage1.load_state_dict(student.state_dict())
         stage1 = stage1.to(device).train().requires_grad_(False)  # train mode: its dropout matches the student's
