@@ -185,33 +185,396 @@ def net_shape(cfg):
     return cfg.img_channels, cfg.img_resolution, cfg.label_dim
 
 
-# Named presets: FastGen's CIFAR-10 / ImageNet-64 experiment configs (reference/methods.md §7.0-7.8) as flag defaults.
+# Named presets: FastGen's experiment configs (NVlabs/FastGen fastgen/configs/experiments/{EDM,EDM2,DiT}, commit
+# 34f30e8; reference/methods.md §7.0-7.8) as flag defaults. Each preset is a few small bases joined with `|` plus what
+# it changes; tests/test_presets.py compares every one with its FastGen config value by value, and README's "Presets vs
+# FastGen" lists the deliberate differences. --batch_size is the global batch: FastGen's batch_size_global, or where a
+# config sets only a per-GPU batch (its global batch then depends on the GPU count), that batch on one node of 8 GPUs
+# with --micro_batch the per-GPU one. The data paths of ImageNet are placeholders for an EDM-style zip.
+_CONST_EMAS = dict(ema="0.9999,0.99995,0.9996")  # FastGen's EMA_CONST_CALLBACKS
+_POWER_EMAS = dict(ema="power:96.99,power:16.97,power:6.94")  # ema_1, ema_5, ema_10; the first one samples
+_CIFAR = dict(
+    data="cifar10",
+    teacher="edm-cifar10-32x32-uncond-vp",
+)
+_CIFAR_COND = _CIFAR | dict(teacher="edm-cifar10-32x32-cond-vp")
+_IN64 = dict(
+    data="datasets/imagenet-64x64.zip",
+    teacher="edm-imagenet-64x64-cond-adm",
+)
+_EDM2_S = dict(
+    model="edm2",
+    data="datasets/imagenet-64x64-edmv2.zip",
+    teacher="edm2-img64-s-fid",
+)
+_EDM2_XL = _EDM2_S | dict(teacher="edm2-img64-xl-fid")
+_SFT = dict(
+    method="sft",
+    optimizer="adam",
+    grad_clip=10.0,
+)
+# ECT on CIFAR-10 (methods/config_cm.py, EDM/config_cm_cifar10.py).
+_CM = dict(
+    _CONST_EMAS,
+    method="cm",
+    optimizer="radam",
+    lr=1e-4,
+    p_mean=-1.1,
+    p_std=2.0,
+    ct_q=2.0,
+    ct_kimg_per_stage=6400,
+    dropout=0.2,
+)
+# ECT on ImageNet-64 (EDM/config_cm_in64.py, EDM2/config_cm_s.py): Adam, inverse-sqrt decay, Huber, c_out^2 weights.
+_CM_IN64 = dict(
+    _POWER_EMAS,
+    method="cm",
+    optimizer="adam",
+    lr=1e-3,
+    beta2=0.99,
+    lr_decay_steps=2000,
+    p_mean=-0.8,
+    p_std=1.6,
+    ct_q=4.0,
+    ct_kimg_per_stage=3200,
+    ct_ratio_limit=0.9961,
+    huber_c=0.06,
+    cm_weighting="c_out_sq",
+)
+_TCM = dict(
+    method="tcm",
+    t_sampler="log_t",
+    p_mean=0.0,
+    p_std=0.2,
+    ct_kimg_per_stage=1000,
+)
+_EDM2_DROPOUT = dict(dropout_resolutions="16,8")  # FastGen's CM/sCM/TCM dropout acts at 16x16 and 8x8 only
+_SCM = dict(
+    _CONST_EMAS,
+    method="scm",
+    optimizer="radam",
+    lr=1e-4,
+    beta2=0.99,
+    p_mean=-1.0,
+    p_std=1.4,
+    batch_size=512,
+    tangent_warmup_steps=10_000,
+)
+_SCM_IN64 = dict(
+    optimizer="adam",
+    lr=7e-5,
+    adam_eps=1e-11,
+    lr_decay_steps=35_000,
+    p_std=1.6,
+)
+_DMD2 = dict(
+    _CONST_EMAS,
+    method="dmd2",
+    optimizer="adamw",
+    lr=1e-4,
+    weight_decay=0.01,
+    t_sampler="polynomial",
+    dropout=0.0,
+    student_update_freq=5,
+    gan_weight=1e-3,
+    grad_clip=10.0,
+)
+_DMD2_CIFAR = dict(
+    _DMD2 | _CIFAR_COND,
+    batch_size=2048,
+    max_steps=100_000,
+    disc_features="0,1,2",
+)
+_DMD2_IN64 = dict(
+    _DMD2 | _IN64,
+    lr=2e-6,
+    batch_size=512,
+    max_steps=600_000,
+    gan_weight=3e-3,
+)
+# DiT/SiT on ImageNet-256 latents (DiT/config_*.py): the data path is a placeholder for the folder
+# `download.encode_latents` writes; the grids' --vae is DiT's sd-vae-ft-mse.
+_LATENTS = dict(
+    data="datasets/imagenet256-latents",
+    precision="bf16",
+)
+_SFT_DIT = dict(
+    _SFT | _LATENTS,
+    optimizer="adamw",
+    lr=1e-5,
+    beta2=0.95,
+    native_weighting=True,
+    label_dropout=0.1,
+    batch_size=256,
+    max_steps=400_000,
+    ema="0.9999,0.99995",
+    student_steps=50,
+    save_every=10_000,
+)
+# MeanFlow from scratch (DiT/config_mf_b.py, config_mf_xl.py) with MeanFlow's training-time guidance (Eq. 19).
+_MEANFLOW_SIT = dict(
+    _CONST_EMAS | _LATENTS,
+    method="meanflow",
+    model="sit",
+    teacher="",
+    optimizer="adam",
+    beta2=0.95,
+    p_mean=-0.4,
+    p_std=1.0,
+    r_p_mean=-0.4,
+    r_p_std=1.0,
+    r_ratio=0.25,
+    mf_norm_p=1.0,
+    mf_norm_c=1.0,
+    mf_cond_dropout=0.1,
+    batch_size=1024,
+    max_steps=1_200_000,
+    save_every=50_000,
+)
+_TOY = dict(
+    teacher="assets/toy_teacher.safetensors",
+    data="toy",
+    batch_size=32,
+    ema="0.95",
+    eval_n=500,
+    num_threads=2,
+    quality_report=True,
+)
 PRESETS = {
-    "sft-cifar10": dict(method="sft", teacher="edm-cifar10-32x32-cond-vp", data="cifar10", optimizer="adam", lr=2e-5, t_sampler="lognormal", p_mean=-1.2, p_std=1.2, batch_size=512, max_steps=100_000, ema="power:6.94,power:16.97", dropout=0.13, grad_clip=10.0),
-    "cm-cifar10": dict(method="cm", teacher="edm-cifar10-32x32-uncond-vp", data="cifar10", optimizer="radam", lr=1e-4, t_sampler="lognormal", p_mean=-1.1, p_std=2.0, batch_size=512, max_steps=350_000, dropout=0.2, ct_q=2.0, ct_kimg_per_stage=6400, ema="0.9999,0.99995,0.9996"),
-    "sct-cifar10": dict(method="scm", teacher="edm-cifar10-32x32-uncond-vp", data="cifar10", optimizer="radam", lr=1e-4, beta2=0.99, t_sampler="lognormal", p_mean=-1.0, p_std=1.4, t_max=800.0, batch_size=512, max_steps=350_000, dropout=0.2, tangent_warmup_steps=10_000, ema="0.9999,0.99995,0.9996"),
-    "scd-cifar10": dict(method="scm", cd=True, teacher="edm-cifar10-32x32-uncond-vp", data="cifar10", optimizer="radam", lr=1e-4, beta2=0.99, t_sampler="lognormal", p_mean=-1.0, p_std=1.4, batch_size=512, max_steps=500_000, dropout=0.0, tangent_warmup_steps=10_000, ema="0.9999,0.99995,0.9996"),
-    "tcm-cifar10": dict(method="tcm", teacher="edm-cifar10-32x32-uncond-vp", data="cifar10", optimizer="radam", lr=5e-5, t_sampler="log_t", p_mean=0.0, p_std=0.2, batch_size=1024, max_steps=300_000, dropout=0.2, ct_q=2.0, ct_kimg_per_stage=1000, ema="0.9999,0.99995,0.9996"),
-    "meanflow-cifar10": dict(method="meanflow", teacher="", arch="edm-cifar10-32x32-uncond-vp", data="cifar10", optimizer="adam", lr=6e-4, warmup_steps=9765, t_sampler="lognormal", p_mean=-0.6, p_std=1.6, batch_size=1024, max_steps=1_000_000, dropout=0.2, ema="0.9999,0.99995,0.9996"),
-    "cm-imagenet64-edm2": dict(method="cm", model="edm2", teacher="edm2-img64-s-fid", data="datasets/img64.zip", optimizer="adam", lr=1e-3, lr_decay_steps=2000, t_sampler="lognormal", p_mean=-0.8, p_std=1.6, huber_c=0.06, cm_weighting="c_out_sq", ct_q=4.0, ct_kimg_per_stage=3200, ct_ratio_limit=0.9961, batch_size=2048, max_steps=200_000, dropout=0.4, precision="bf16"),
-    "scd-imagenet64-edm2": dict(method="scm", cd=True, model="edm2", teacher="edm2-img64-s-fid", data="datasets/img64.zip", optimizer="adam", lr=7e-5, beta2=0.99, adam_eps=1e-11, lr_decay_steps=35_000, t_sampler="lognormal", p_mean=-1.0, p_std=1.6, batch_size=1024, max_steps=200_000, grad_clip=10.0, precision="bf16"),
-    "dmd2-cifar10": dict(method="dmd2", teacher="edm-cifar10-32x32-cond-vp", data="cifar10", optimizer="adamw", lr=1e-4, weight_decay=0.01, t_sampler="polynomial", batch_size=2048, max_steps=100_000, dropout=0.0, student_update_freq=5, gan_weight=1e-3, disc_features="0,1,2", grad_clip=10.0, ema="0.9999,0.99995,0.9996"),
-    "fdistill-cifar10": dict(method="fdistill", f_div="kl", teacher="edm-cifar10-32x32-cond-vp", data="cifar10", optimizer="adamw", lr=1e-4, weight_decay=0.01, t_sampler="polynomial", batch_size=2048, max_steps=100_000, dropout=0.0, student_update_freq=5, gan_weight=1e-3, disc_features="0,1,2", grad_clip=10.0, ema="0.9999,0.99995,0.9996"),
-    "dmd2-imagenet64": dict(method="dmd2", teacher="edm-imagenet-64x64-cond-adm", data="datasets/img64.zip", optimizer="adamw", lr=2e-6, weight_decay=0.01, t_sampler="polynomial", batch_size=512, max_steps=600_000, dropout=0.0, student_update_freq=5, gan_weight=3e-3, grad_clip=10.0, ema="0.9999,0.99995,0.9996"),
-    "fdistill-imagenet64": dict(method="fdistill", f_div="js", ratio_ema=0.5, teacher="edm-imagenet-64x64-cond-adm", data="datasets/img64.zip", optimizer="adamw", lr=2e-6, weight_decay=0.01, t_sampler="polynomial", batch_size=512, max_steps=600_000, dropout=0.0, student_update_freq=5, gan_weight=3e-3, grad_clip=10.0, ema="0.9999,0.99995,0.9996"),
-    # DiT/SiT on ImageNet-256 latents: FastGen's DiT experiment configs (reference/methods.md §7.1, §7.8; FastGen
-    # configs/experiments/DiT). The data path is a placeholder for the folder `download.encode_latents` writes; the
-    # grids' --vae is DiT's sd-vae-ft-mse. MeanFlow trains from scratch, as FastGen's config_mf_b / config_mf_xl.
-    "sft-dit-xl": dict(method="sft", model="dit", teacher="DiT-XL-2-256x256", data="datasets/imagenet256-latents", optimizer="adamw", lr=1e-5, beta2=0.95, t_sampler="logitnormal", p_mean=-0.4, p_std=1.0, native_weighting=True, label_dropout=0.1, batch_size=256, max_steps=400_000, ema="0.9999,0.99995", precision="bf16", student_steps=50, save_every=10_000),
-    "sft-sit-xl": dict(method="sft", model="sit", teacher="SiT-XL-2-256x256", data="datasets/imagenet256-latents", optimizer="adamw", lr=1e-5, beta2=0.95, t_sampler="uniform", native_weighting=True, label_dropout=0.1, batch_size=256, max_steps=400_000, ema="0.9999,0.99995", precision="bf16", student_steps=50, save_every=10_000),
-    "meanflow-sit-b": dict(method="meanflow", model="sit", teacher="", arch="SiT-B/2", data="datasets/imagenet256-latents", optimizer="adam", lr=1e-4, beta2=0.95, p_mean=-0.4, p_std=1.0, r_p_mean=-0.4, r_p_std=1.0, r_ratio=0.25, mf_norm_p=1.0, mf_norm_c=1.0, batch_size=1024, max_steps=1_200_000, ema="0.9999,0.99995,0.9996", precision="bf16", save_every=50_000),
-    "meanflow-sit-xl": dict(method="meanflow", model="sit", teacher="", arch="SiT-XL/2", data="datasets/imagenet256-latents", optimizer="adam", lr=1e-4, beta2=0.95, p_mean=-0.4, p_std=1.0, r_p_mean=-0.4, r_p_std=1.0, r_ratio=0.25, mf_norm_p=1.0, mf_norm_c=1.0, batch_size=1024, max_steps=1_200_000, ema="0.9999,0.99995,0.9996", precision="bf16", save_every=50_000),
-    "cm-toy": dict(method="cm", cd=True, teacher="assets/toy_teacher.safetensors", data="toy", optimizer="radam", lr=1e-3, t_sampler="lognormal", p_mean=-1.1, p_std=2.0, ct_q=2.0, ct_kimg_per_stage=4, batch_size=32, max_steps=300, ema="0.95", eval_every=100, eval_n=500, save_every=300, num_threads=2, quality_report=True),
-    "fdistill-toy": dict(method="fdistill", teacher="assets/toy_teacher.safetensors", data="toy", optimizer="adamw", lr=2e-4, critic_lr=1e-3, t_sampler="polynomial", batch_size=32, max_steps=100, ema="0.95", eval_every=50, eval_n=500, save_every=100, num_threads=2, quality_report=True),
+    # EDM CIFAR-10 and ImageNet-64 (EDM/config_*.py)
+    "sft-cifar10": dict(
+        _SFT | _POWER_EMAS | _CIFAR_COND,
+        lr=2e-5,
+        batch_size=512,
+        max_steps=100_000,
+        dropout=0.13,
+        student_steps=18,
+        xflip=True,
+        augment="scale,rotate_frac,brightness,contrast,lumaflip,hue,saturation",
+        augment_p=0.12,
+    ),
+    "sft-imagenet64": dict(
+        _SFT | _POWER_EMAS | _IN64,
+        lr=2e-5,
+        batch_size=512,
+        max_steps=200_000,
+        dropout=0.1,
+        precision="fp16",
+        student_steps=18,
+    ),
+    "cm-cifar10": dict(
+        _CM | _CIFAR,
+        batch_size=512,
+        max_steps=350_000,
+    ),
+    "cm-cifar10-fast": dict(
+        _CM | _CIFAR,
+        ema="0.9993",
+        batch_size=1024,
+        micro_batch=128,
+        max_steps=8000,
+        ct_q=256.0,
+        ct_kimg_per_stage=512_000,
+    ),
+    "cm-imagenet64": dict(
+        _CM_IN64 | _IN64,
+        dropout=0.2,
+        precision="fp16",
+        batch_size=256,
+        micro_batch=32,
+        max_steps=1_000_000,
+    ),
+    "sct-cifar10": dict(
+        _SCM | _CIFAR,
+        t_max=800.0,
+        max_steps=350_000,
+        dropout=0.2,
+    ),
+    "scd-cifar10": dict(
+        _SCM | _CIFAR,
+        cd=True,
+        max_steps=500_000,
+        dropout=0.0,
+    ),
+    "scd-imagenet64": dict(
+        _SCM | _SCM_IN64 | _IN64,
+        cd=True,
+        batch_size=1024,
+        max_steps=600_000,
+        grad_clip=10.0,
+        precision="bf16",
+        dropout=0.0,
+    ),
+    "tcm-cifar10": dict(
+        _CM | _TCM | _CIFAR,
+        lr=5e-5,
+        batch_size=1024,
+        max_steps=300_000,
+    ),
+    "meanflow-cifar10": dict(
+        _CONST_EMAS,
+        method="meanflow",
+        teacher="",
+        arch="edm-cifar10-32x32-uncond-vp",
+        data="cifar10",
+        optimizer="adam",
+        lr=6e-4,
+        warmup_steps=9765,
+        p_mean=-0.6,
+        p_std=1.6,
+        batch_size=1024,
+        max_steps=1_000_000,
+        dropout=0.2,
+        xflip=True,
+        augment="xflip,scale,aniso,translate_frac",
+        augment_p=0.12,
+    ),
+    "dmd2-cifar10": _DMD2_CIFAR,
+    "fdistill-cifar10": dict(
+        _DMD2_CIFAR,
+        method="fdistill",
+        f_div="kl",
+    ),
+    "dmd2-imagenet64": _DMD2_IN64,
+    "fdistill-imagenet64": dict(
+        _DMD2_IN64,
+        method="fdistill",
+        f_div="js",
+        ratio_ema=0.5,
+    ),
+    # EDM2 ImageNet-64 S and XL (EDM2/config_*.py)
+    "sft-imagenet64-edm2": dict(
+        _SFT | _POWER_EMAS | _EDM2_S,
+        lr=1e-4,
+        beta2=0.99,
+        p_mean=-0.8,
+        p_std=1.6,
+        batch_size=1024,
+        max_steps=150_000,
+        dropout=0.0,
+        precision="fp16",
+        student_steps=32,
+    ),
+    "sft-imagenet64-edm2-xl": dict(
+        _SFT | _POWER_EMAS | _EDM2_XL,
+        lr=1e-4,
+        beta2=0.99,
+        p_mean=-0.8,
+        p_std=1.6,
+        batch_size=512,
+        max_steps=150_000,
+        dropout=0.0,
+        precision="fp16",
+        student_steps=32,
+    ),
+    "cm-imagenet64-edm2": dict(
+        _CM_IN64 | _EDM2_DROPOUT | _EDM2_S,
+        dropout=0.4,
+        batch_size=1024,
+        max_steps=150_000,
+    ),
+    "cm-imagenet64-edm2-xl": dict(
+        _CM_IN64 | _EDM2_DROPOUT | _EDM2_XL,
+        lr=7e-4,
+        dropout=0.5,
+        batch_size=1024,
+        max_steps=150_000,
+    ),
+    "scm-imagenet64-edm2-xl": dict(
+        _SCM | _SCM_IN64 | _POWER_EMAS | _EDM2_DROPOUT | _EDM2_XL,
+        dropout=0.45,
+        precision="fp16",
+        batch_size=256,
+        micro_batch=32,
+        max_steps=1_000_000,
+    ),
+    "tcm-imagenet64-edm2": dict(
+        _CM_IN64 | _TCM | _EDM2_DROPOUT | _EDM2_S,
+        lr=5e-4,
+        lr_decay_steps=8000,
+        dropout=0.4,
+        precision="fp16",
+        batch_size=1024,
+        max_steps=400_000,
+    ),
+    "tcm-imagenet64-edm2-xl": dict(
+        _CM_IN64 | _TCM | _EDM2_DROPOUT | _EDM2_XL,
+        lr=1e-4,
+        lr_decay_steps=8000,
+        dropout=0.5,
+        precision="fp16",
+        batch_size=1024,
+        max_steps=400_000,
+    ),
+    # DiT/SiT ImageNet-256 (DiT/config_*.py)
+    "sft-dit-xl": dict(
+        _SFT_DIT,
+        model="dit",
+        teacher="DiT-XL-2-256x256",
+        t_sampler="logitnormal",
+        p_mean=-0.4,
+        p_std=1.0,
+    ),
+    "sft-sit-xl": dict(
+        _SFT_DIT,
+        model="sit",
+        teacher="SiT-XL-2-256x256",
+        t_sampler="uniform",
+    ),
+    "meanflow-sit-b": dict(
+        _MEANFLOW_SIT,
+        arch="SiT-B/2",
+        lr=1e-4,
+        mf_kappa=0.5,
+    ),
+    "meanflow-sit-xl": dict(
+        _MEANFLOW_SIT,
+        arch="SiT-XL/2",
+        lr=1e-4,
+        mf_guidance=0.2,
+        mf_kappa=0.92,
+        mf_t_end=0.75,
+    ),
+    # The project's own: CPU-sized runs on the toy data and the shipped toy teacher (no FastGen counterpart).
+    "cm-toy": dict(
+        _TOY,
+        method="cm",
+        cd=True,
+        optimizer="radam",
+        lr=1e-3,
+        p_mean=-1.1,
+        p_std=2.0,
+        ct_q=2.0,
+        ct_kimg_per_stage=4,
+        max_steps=300,
+        eval_every=100,
+        save_every=300,
+    ),
+    "fdistill-toy": dict(
+        _TOY,
+        method="fdistill",
+        optimizer="adamw",
+        lr=2e-4,
+        critic_lr=1e-3,
+        t_sampler="polynomial",
+        max_steps=100,
+        eval_every=50,
+        save_every=100,
+    ),
     # The embedded default: DMD2 from the shipped toy teacher. The critic learns five times faster than the student;
     # on this small teacher the one-step FID is best after about 100 steps and drifts up after that.
-    "toy": dict(method="dmd2", teacher="assets/toy_teacher.safetensors", data="toy", optimizer="adamw", lr=2e-4, critic_lr=1e-3, t_sampler="polynomial", batch_size=32, max_steps=100, ema="0.95", eval_every=50, eval_n=500, save_every=100, num_threads=2, quality_report=True),
-}  # fmt: skip
+    "toy": dict(
+        _TOY,
+        method="dmd2",
+        optimizer="adamw",
+        lr=2e-4,
+        critic_lr=1e-3,
+        t_sampler="polynomial",
+        max_steps=100,
+        eval_every=50,
+        save_every=100,
+    ),
+}
 
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -228,11 +591,14 @@ parser.add_argument("--vae", default="", help="autoencoder_kl name or path (e.g.
 parser.add_argument("--data_root", default=None, help="where 'cifar10' is looked up (default $CKPT_ROOT_DIR or ./checkpoints)")
 parser.add_argument("--uncond", action="store_true", help="ignore class labels (forced when the network has label_dim 0)")
 parser.add_argument("--xflip", action="store_true", help="random horizontal flips of the data")
+parser.add_argument("--augment", default="", help="EDM's non-leaking augmentation (Karras et al. 2022, App. F.2): comma list of xflip, yflip, scale, rotate_frac, aniso, translate_frac, brightness, contrast, lumaflip, hue, saturation; the network sees their labels (augment_dim)")
+parser.add_argument("--augment_p", type=float, default=0.0, help="probability of each --augment transform per image (EDM: 0.12 on CIFAR-10; xflip is labelled on every image)")
 parser.add_argument("--tiny", action="store_true", help="tiny random networks and batches: checks the code path in seconds")
 parser.add_argument("--dropout", type=float, default=None, help="student dropout (default: the architecture's)")
+parser.add_argument("--dropout_resolutions", default="", help="edm2: the resolutions where --dropout acts, e.g. 16,8 (default: all)")
 parser.add_argument("--label_dropout", type=float, default=0.0, help="student class-label dropout (enables guidance)")
 # optimisation
-parser.add_argument("--batch_size", type=int, default=64, help="global batch; gradient accumulation makes up the rest")
+parser.add_argument("--batch_size", type=int, default=64, help="global batch (all GPUs); gradient accumulation makes up the rest. FastGen's configs mostly set a per-GPU batch: the presets convert")
 parser.add_argument("--micro_batch", type=int, default=0, help="per-process batch per forward (0 = batch_size / world)")
 parser.add_argument("--max_steps", type=int, default=1000)
 parser.add_argument("--optimizer", choices=["adam", "adamw", "radam"], default="radam")
@@ -259,6 +625,7 @@ parser.add_argument("--guidance", type=float, default=1.0, help="teacher classif
 parser.add_argument("--ct_q", type=float, default=2.0, help="cm/tcm: ECT gap schedule, ratio = 1 - q^-(stage+1)")
 parser.add_argument("--ct_kimg_per_stage", type=float, default=6400, help="cm/tcm: thousands of images per stage")
 parser.add_argument("--ct_ratio_limit", type=float, default=0.999)
+parser.add_argument("--ct_start_step", type=int, default=None, help="tcm: the step ECT's gap schedule continues from (default: the --stage1 checkpoint's step, as FastGen resumes it)")
 parser.add_argument("--huber_c", type=float, default=1e-8, help="cm/tcm: pseudo-Huber constant of the distance")
 parser.add_argument("--cm_weighting", choices=["default", "c_out", "c_out_sq", "sigma_sq", "sqrt", "one"], default="default")
 parser.add_argument("--tangent_warmup_steps", type=int, default=10_000, help="scm: ramp of the tangent's second term")
@@ -272,6 +639,11 @@ parser.add_argument("--r_p_std", type=float, default=1.6)
 parser.add_argument("--r_ratio", type=float, default=0.75, help="meanflow: share of samples with r < t (the rest r = t)")
 parser.add_argument("--mf_norm_p", type=float, default=0.75, help="meanflow: adaptive weight 1 / (err + c)^p")
 parser.add_argument("--mf_norm_c", type=float, default=1e-3)
+parser.add_argument("--mf_cond_dropout", type=float, default=0.0, help="meanflow: share of samples trained unconditionally (with guidance: on the unguided target)")
+parser.add_argument("--mf_guidance", type=float, default=None, help="meanflow: training-time guidance scale w of MeanFlow Eq. 19 (the student's own unconditional velocity); default none, 1 with --mf_kappa")
+parser.add_argument("--mf_kappa", type=float, default=None, help="meanflow: mixture kappa of Eq. 19 (the student's conditional velocity); effective guidance w / (1 - kappa)")
+parser.add_argument("--mf_t_start", type=float, default=0.0, help="meanflow: guidance acts for rectified-flow times t = sigma / (1 + sigma) in [mf_t_start, mf_t_end]")
+parser.add_argument("--mf_t_end", type=float, default=1.0)
 # distribution matching (dmd2, fdistill) and knowledge distillation (kd)
 parser.add_argument("--student_update_freq", type=int, default=5, help="dmd2/fdistill: a generator step every N steps, critic steps between")  # fmt: skip
 parser.add_argument("--critic_lr", type=float, default=0.0, help="dmd2/fdistill: lr of the fake score and the GAN heads (0 = --lr)")  # fmt: skip
@@ -519,6 +891,181 @@ def make_pairs(args):
 
 
 # ----------------------------------------------------------------------------
+# EDM's non-leaking augmentation (Karras et al. 2022, App. F.2; NVlabs/edm training/augment.py): each named transform
+# acts on an image with probability p and a random strength, and the strengths are written into an augmentation label
+# that conditions the network (SongUNet/DhariwalUNet's map_augment); sampling with zero labels then gives un-augmented
+# images, so the augmentation does not leak into the samples. FastGen passes the labels with the class condition to
+# every network call of a step; AugmentLabels does the same here.
+
+# Label width of each transform, in EDM's order (the order of the label's columns).
+AUGMENTS = {"xflip": 1, "yflip": 1, "scale": 1, "rotate_frac": 2, "aniso": 2, "translate_frac": 2, "brightness": 1,
+            "contrast": 1, "lumaflip": 1, "hue": 2, "saturation": 1}  # fmt: skip
+# EDM's strengths: log2 std of scaling, fraction of a full turn, log2 std of anisotropy, translation std (of the
+# image side), brightness std, log2 std of contrast, fraction of a full hue turn, log2 std of saturation.
+AUGMENT_STD = dict(scale=0.2, rotate_frac=1.0, aniso=0.2, translate_frac=0.125, brightness=0.2, contrast=0.5, hue=1.0, saturation=1.0)  # fmt: skip
+
+
+def augment_dim(names):
+    """Width of the augmentation label of a comma list of transforms."""
+    names = [n for n in names.split(",") if n]
+    unknown = sorted(set(names) - set(AUGMENTS))
+    if unknown:
+        raise SystemExit(
+            f"error: unknown --augment transform(s) {', '.join(unknown)}; choose from {', '.join(AUGMENTS)}"
+        )
+    return sum(AUGMENTS[n] for n in AUGMENTS if n in names)
+
+
+def _rotation(theta):
+    """(B,) angles -> (B, 3, 3) homogeneous 2-D rotations."""
+    c, s, z, o = theta.cos(), theta.sin(), torch.zeros_like(theta), torch.ones_like(theta)
+    return torch.stack([c, -s, z, s, c, z, z, z, o], dim=1).reshape(-1, 3, 3)
+
+
+def _diag(sx, sy):
+    return torch.diag_embed(torch.stack([sx, sy, torch.ones_like(sx)], dim=1))
+
+
+def augment_pipe(x, names, p, generator):
+    """Augment images x (B, C, H, W) in [-1, 1] with the transforms in the comma list `names`, each with probability
+    p per image (xflip on every image, EDM's xflip=1e8), drawing from the CPU `generator`. Returns the images and the
+    labels (B, augment_dim(names)) float32: x/y flip 0 or 1, the normal draws w of scale (s = 2^(0.2 w)), aniso
+    (w cos r, w sin r) and translation (w_x, w_y), (cos a - 1, sin a) of rotation and hue angles, brightness and
+    contrast draws, the luma flip. Geometric transforms are one bilinear resampling with reflected borders (EDM
+    resamples at twice the resolution with a wavelet filter); colour transforms act on RGB."""
+    B, C, H, W = x.shape
+    enabled = [n for n in AUGMENTS if n in names.split(",")]
+    std = AUGMENT_STD
+
+    def draw(kind, *shape):
+        fn = torch.rand if kind == "rand" else torch.randn
+        return fn(*shape, generator=generator, dtype=torch.float64)
+
+    def gated(w, always=False):  # zero strength (the identity) unless the transform acts on this image
+        return w if always else torch.where(draw("rand", B) < p, w, torch.zeros_like(w))
+
+    labels, G, M = [], torch.eye(3, dtype=torch.float64).repeat(B, 1, 1), torch.eye(4, dtype=torch.float64).repeat(B, 1, 1)  # fmt: skip
+    flips = {}
+    v = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64) / math.sqrt(3)  # the luma axis
+    vv = torch.outer(v, v)
+    for name in enabled:
+        if name in ("xflip", "yflip"):
+            w = gated(torch.randint(2, (B,), generator=generator).double(), always=name == "xflip")
+            flips[name] = w
+            labels.append(w[:, None])
+        elif name == "scale":  # G maps output pixel coordinates to input ones: the inverse of each transform
+            w = gated(draw("randn", B))
+            s = torch.exp2(w * std["scale"])
+            G = G @ _diag(1 / s, 1 / s)
+            labels.append(w[:, None])
+        elif name == "rotate_frac":
+            w = gated((draw("rand", B) * 2 - 1) * math.pi * std["rotate_frac"])
+            G = G @ _rotation(w)
+            labels.append(torch.stack([w.cos() - 1, w.sin()], dim=1))
+        elif name == "aniso":
+            w = gated(draw("randn", B))
+            r = (draw("rand", B) * 2 - 1) * math.pi
+            r = torch.where(draw("rand", B) < 0.5, r, torch.zeros_like(r))  # EDM's aniso_rotate_prob 0.5
+            s = torch.exp2(w * std["aniso"])
+            G = G @ _rotation(r) @ _diag(1 / s, s) @ _rotation(-r)
+            labels.append(torch.stack([w * r.cos(), w * r.sin()], dim=1))
+        elif name == "translate_frac":
+            w = torch.where(draw("rand", B)[:, None] < p, draw("randn", B, 2), torch.zeros(B, 2, dtype=torch.float64))
+            shift = torch.eye(3, dtype=torch.float64).repeat(B, 1, 1)
+            shift[:, 0, 2], shift[:, 1, 2] = -w[:, 0] * W * std["translate_frac"], -w[:, 1] * H * std["translate_frac"]
+            G = G @ shift
+            labels.append(w)
+        elif name == "brightness":  # M acts on homogeneous RGB; each colour transform multiplies from the left
+            w = gated(draw("randn", B))
+            step = torch.eye(4, dtype=torch.float64).repeat(B, 1, 1)
+            step[:, :3, 3] = (w * std["brightness"])[:, None]
+            M = step @ M
+            labels.append(w[:, None])
+        elif name == "contrast":
+            w = gated(draw("randn", B))
+            c = torch.exp2(w * std["contrast"])
+            M = torch.diag_embed(torch.stack([c, c, c, torch.ones_like(c)], dim=1)) @ M
+            labels.append(w[:, None])
+        elif name == "lumaflip":  # mirror the colour along the luma axis
+            w = gated(torch.randint(2, (B,), generator=generator).double())
+            M = (torch.eye(4, dtype=torch.float64) - 2 * vv * w.reshape(-1, 1, 1)) @ M
+            labels.append(w[:, None])
+        elif name == "hue":  # rotate the colour about the luma axis (Rodrigues)
+            w = gated((draw("rand", B) * 2 - 1) * math.pi * std["hue"])
+            a = v[:3]
+            cross = torch.tensor([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]], dtype=torch.float64)
+            c, s = w.cos().reshape(-1, 1, 1), w.sin().reshape(-1, 1, 1)
+            step = torch.eye(4, dtype=torch.float64).repeat(B, 1, 1)
+            step[:, :3, :3] = c * torch.eye(3, dtype=torch.float64) + s * cross + (1 - c) * torch.outer(a, a)
+            M = step @ M
+            labels.append(torch.stack([w.cos() - 1, w.sin()], dim=1))
+        elif name == "saturation":  # scale the colour's distance from the luma axis
+            w = gated(draw("randn", B))
+            s = torch.exp2(w * std["saturation"]).reshape(-1, 1, 1)
+            step = torch.eye(4, dtype=torch.float64).repeat(B, 1, 1)
+            step[:, :3, :3] = vv[:3, :3] + (torch.eye(3, dtype=torch.float64) - vv[:3, :3]) * s
+            M = step @ M
+            labels.append(w[:, None])
+    dev = x.device
+    for name, dim in (("xflip", 3), ("yflip", 2)):
+        if name in flips:
+            x = torch.where(flips[name].to(dev).reshape(-1, 1, 1, 1) == 1, x.flip(dim), x)
+    if any(n in enabled for n in ("scale", "rotate_frac", "aniso", "translate_frac")):
+        # Output pixel centres in coordinates about the image centre, mapped by G; grid_sample with
+        # align_corners=False reads x at 2 u / W, 2 v / H.
+        ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64) - (H - 1) / 2, torch.arange(W, dtype=torch.float64) - (W - 1) / 2, indexing="ij")  # fmt: skip
+        points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(-1, 3)  # (HW, 3)
+        src = points @ G.transpose(1, 2)  # (B, HW, 3)
+        grid = torch.stack([src[..., 0] * 2 / W, src[..., 1] * 2 / H], dim=-1).reshape(B, H, W, 2)
+        x = F.grid_sample(x, grid.to(dev, x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+    if any(n in enabled for n in ("brightness", "contrast", "lumaflip", "hue", "saturation")):
+        if C != 3:
+            raise ValueError(f"colour augmentations need RGB images, got {C} channels")
+        M = M.to(dev, x.dtype)
+        x = (M[:, :3, :3] @ x.reshape(B, 3, H * W) + M[:, :3, 3:]).reshape(B, C, H, W)
+    labels = torch.cat(labels, dim=1) if labels else torch.zeros(B, 0, dtype=torch.float64)
+    return x, labels.float().to(dev)
+
+
+def augment_batch(x0, args, step, shard):
+    """--augment on a training micro-batch: (images, labels), labels None without --augment; the draws are a fixed
+    function of (seed, step, shard), so --resume is exact."""
+    if not args.augment:
+        return x0, None
+    return augment_pipe(x0, args.augment, args.augment_p, torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 4)))  # fmt: skip
+
+
+class AugmentLabels:
+    """The step's augmentation labels as a condition of every network call, as FastGen passes them with the class
+    condition: a forward pre-hook on each network adds augment_labels (zero-padded to the network's augment_dim, which
+    is the same function as a narrower map_augment) to calls whose batch is the step's, inside `given(labels)` only."""
+
+    def __init__(self):
+        self.labels = None
+
+    def attach(self, *models):
+        for model in models:
+            if model is not None and getattr(model.cfg, "augment_dim", 0):
+                model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, model, args, kwargs):
+        if self.labels is None or "augment_labels" in kwargs or args[0].shape[0] != len(self.labels):
+            return None
+        width = model.cfg.augment_dim
+        if self.labels.shape[1] > width:
+            raise SystemExit(f"error: --augment labels have {self.labels.shape[1]} columns; the network takes {width} (augment_dim)")  # fmt: skip
+        return args, kwargs | {"augment_labels": F.pad(self.labels, (0, width - self.labels.shape[1])).to(args[0].dtype)}  # fmt: skip
+
+    @contextlib.contextmanager
+    def given(self, labels):
+        self.labels = labels
+        try:
+            yield
+        finally:
+            self.labels = None
+
+
+# ----------------------------------------------------------------------------
 # Losses. Each takes the trainable network `net` (DDP-wrapped when distributed), the bare `student` for passes that
 # need no gradient (JVPs, stop-gradient targets), a clean batch x0 and its labels, and returns (loss, logs).
 # Time math is float64; t is the noise level sigma of the EDM-family schedule (alpha = 1, sigma = t).
@@ -607,8 +1154,9 @@ def cm_loss(net, student, teacher, x0, labels, step, args, module):
 
 def tcm_loss(net, student, stage1, teacher, x0, labels, step, args, module):
     """Truncated CM, stage two: t >= transition; targets below the transition come from the frozen stage-one model,
-    and a share of samples sits on the boundary with its own weight (TCM Eq. 8)."""
-    B, ratio = len(x0), ct_ratio(step, args)
+    and a share of samples sits on the boundary with its own weight (TCM Eq. 8). ECT's gap schedule continues from
+    stage one's last step (args.ct_start_step, see stage_one_step), as FastGen resumes the stage-one iteration."""
+    B, ratio = len(x0), ct_ratio(step + (args.ct_start_step or 0), args)  # continues stage one's schedule
     t = sample_t(B, args, module, x0.device, t_min=args.transition_t)
     boundary = torch.zeros(B, dtype=torch.bool, device=x0.device)
     boundary[torch.randperm(B)[: int(B * args.boundary_prob)]] = True
@@ -627,7 +1175,32 @@ def tcm_loss(net, student, stage1, teacher, x0, labels, step, args, module):
     loss, unweighted = consistency_distance(d_t, d_r, t, r, args)
     interior = loss[~boundary].mean() if (~boundary).any() else loss.new_zeros(())
     edge = loss[boundary].mean() if boundary.any() else loss.new_zeros(())
-    return interior + args.w_boundary * edge, {"unweighted": unweighted.mean().item(), "boundary": edge.item()}
+    return interior + args.w_boundary * edge, {"unweighted": unweighted.mean().item(), "boundary": edge.item(), "ratio": ratio}  # fmt: skip
+
+
+def stage_one_step(args):
+    """tcm: the step ECT's gap schedule continues from: --ct_start_step, else the step recorded in the --stage1
+    checkpoint's metadata (what save_checkpoint writes), else 0 (no stage-one file: --tiny runs)."""
+    if args.ct_start_step is not None:
+        return args.ct_start_step
+    if not args.stage1:
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(args.stage1, framework="pt") as f:
+        step = (f.metadata() or {}).get("step")
+    if step is None:
+        raise SystemExit(f"error: {args.stage1} records no training step (--stage1); give --ct_start_step, stage one's last step")  # fmt: skip
+    return int(step)
+
+
+def dropout_resolutions(args):
+    """The network override of --dropout_resolutions (EDM2's Config.dropout_resolutions), {} when not given."""
+    if not args.dropout_resolutions:
+        return {}
+    if args.model != "edm2":
+        raise SystemExit("error: --dropout_resolutions is for --model edm2 (EDM's networks drop out everywhere)")
+    return {"dropout_resolutions": tuple(int(r) for r in args.dropout_resolutions.split(","))}
 
 
 def trigflow(model, x_hat, t_hat, labels, return_logvar=False, sd=0.5):
@@ -693,6 +1266,38 @@ def average_velocity(model, x, t, r, labels):
     return ((x.double() - model(x, t, labels, r=r).double()) / bcast(t, x)).to(x.dtype)
 
 
+def meanflow_guidance(student, x_t, t, v, labels, args):
+    """MeanFlow's classifier-free guidance at training time (Geng et al. 2025, Eq. 19-21, FastGen's form): the target
+    velocity of conditional samples becomes
+        v~ = w v + (1 - w - kappa) u(x_t, t, t | none) + kappa u(x_t, t, t | c)      (without kappa: u_none + w (v - u_none))
+    with the student's own instantaneous velocities (eval mode, no gradient), w and kappa only for rectified-flow times
+    t / (1 + t) inside [mf_t_start, mf_t_end] (else 1 and 0); the effective scale is w / (1 - kappa). Then the first
+    Binomial(B, mf_cond_dropout) samples (where the flow-matching samples r = t sit) train unconditionally on the
+    unguided v. Velocities are combined with weights that sum to one, so this equals FastGen's rectified-flow target
+    mapped to EDM's noise levels. Returns (target (B, C, H, W) float32, one-hot labels (B, classes), zero rows = none)."""
+    B, classes = len(x_t), net_shape(student.cfg)[2]
+    onehot = F.one_hot(labels.long(), classes).to(x_t.dtype)
+    guided = v.double()
+    if args.mf_guidance is not None or args.mf_kappa is not None:
+        t_rf = t / (1 + t)  # the guidance window is given in rectified-flow time, as FastGen's configs
+        inside = (t_rf >= args.mf_t_start) & (t_rf <= args.mf_t_end)
+        w = bcast(torch.where(inside, 1.0 if args.mf_guidance is None else args.mf_guidance, 1.0), x_t)
+        was_training = student.training
+        student.eval()  # no dropout in the guidance passes
+        with torch.no_grad():
+            u_none = average_velocity(student, x_t, t, t, None).double()
+            if args.mf_kappa is None:
+                guided = u_none + w * (v.double() - u_none)
+            else:
+                kappa = bcast(torch.where(inside, args.mf_kappa, 0.0), x_t)
+                u_cond = average_velocity(student, x_t, t, t, labels).double()
+                guided = w * v.double() + (1 - w - kappa) * u_none + kappa * u_cond
+        student.train(was_training)
+    keep = torch.arange(B, device=x_t.device) >= int((torch.rand(B) < args.mf_cond_dropout).sum())
+    target = torch.where(keep.reshape(-1, 1, 1, 1), guided, v.double())
+    return target.float(), onehot * keep.reshape(-1, 1).to(onehot.dtype)
+
+
 def meanflow_loss(net, student, teacher, x0, labels, step, args, module):
     """MeanFlow (Geng et al. 2025, Eq. 6-10): u(z_t, r, t) = v - (t - r) du/dt, du/dt the JVP along (v, 1, 0).
 
@@ -711,6 +1316,8 @@ def meanflow_loss(net, student, teacher, x0, labels, step, args, module):
             v = ((x_t.double() - teacher_x0(teacher, x_t, t, labels, args.guidance).double()) / bcast(t, x0)).float()
     else:  # the conditional velocity of alpha = 1, sigma = t: dx_t/dt = eps
         v = eps.float()
+        if labels is not None and (args.mf_guidance is not None or args.mf_kappa is not None or args.mf_cond_dropout):
+            v, labels = meanflow_guidance(student, x_t, t, v, labels, args)
 
     rng = get_rng(x0.device)
     with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
@@ -865,7 +1472,7 @@ def dmd2_critic_loss(student, teacher, fake_net, disc_net, x0, labels, args, mod
     """DMD2's critic step: the fake score learns the student's distribution by denoising score matching on student
     samples (x0 target, FastGen's unweighted DSM), and the GAN heads learn to tell noised real data from noised
     student samples, softplus(D(fake)) + softplus(-D(real)); optional approximate R1: the heads' logits should not
-    change when the real input moves by r1_alpha n (APT)."""
+    change when the clean real sample moves by r1_alpha n (APT, in FastGen's form: x0 + r1_alpha n at t_real)."""
     with torch.no_grad():
         x_in, t_s = student_input(x0, args, module)
         g = student(x_in, t_s, labels)
@@ -885,7 +1492,8 @@ def dmd2_critic_loss(student, teacher, fake_net, disc_net, x0, labels, args, mod
     with torch.no_grad():
         features = [teacher.features(x_t, t, labels, indices), teacher.features(x_real, t_real, labels, indices)]
         if args.r1_weight > 0:
-            x_perturbed = x_real + args.r1_alpha * torch.randn_like(x_real)
+            # FastGen's form (dmd2.py): the clean real moved by r1_alpha n, seen by the teacher at t_real.
+            x_perturbed = x0 + args.r1_alpha * torch.randn_like(x0)
             features.append(teacher.features(x_perturbed, t_real, labels, indices))
     # One pass of the heads over [fake; real; perturbed real], so that DDP sees a single forward per step.
     logits = disc_net([torch.cat(maps) for maps in zip(*features)]).float().chunk(len(features))
@@ -1200,6 +1808,7 @@ def main(args):
     if args.dropout is not None:
         switches["dropout"] = args.dropout
     switches["label_dropout"] = args.label_dropout
+    switches |= dropout_resolutions(args)  # EDM2: dropout at these resolutions only (FastGen's CM/sCM/TCM)
     if args.teacher and not args.tiny:
         student = load_pretrained(module, args.teacher, **switches)
         cfg = student.cfg
@@ -1234,6 +1843,7 @@ def main(args):
         teacher = teacher.to(device).eval().requires_grad_(False)
     stage1 = None
     if args.method == "tcm":
+        args.ct_start_step = stage_one_step(args)  # ECT's gap schedule continues from stage one's last step
         if args.stage1:
             try:
                 module.load_checkpoint(student, args.stage1, adapt=False)
@@ -1271,6 +1881,8 @@ def main(args):
     emas = {spec.replace("power:", "p"): Precond(cfg).to(device).eval().requires_grad_(False) for spec in args.ema.split(",") if spec}  # fmt: skip
     for ema in emas.values():
         ema.load_state_dict(student.state_dict())
+    augment_labels = AugmentLabels()  # --augment: the labels ride with every network call of a step
+    augment_labels.attach(student, teacher, stage1, fake)
     net = DDP(student, find_unused_parameters=True) if distributed else student
     fake_net = DDP(fake) if distributed and fake is not None else fake
     disc_net = DDP(disc) if distributed and disc is not None else disc
@@ -1364,8 +1976,10 @@ def main(args):
             if args.xflip:
                 flip = torch.rand(len(x0), generator=torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 1))) < 0.5  # fmt: skip
                 x0 = torch.where(flip.to(device).reshape(-1, 1, 1, 1), x0.flip(3), x0)
+            x0, augment = augment_batch(x0, args, step, shard)  # EDM's augmentation (--augment), labels or None
             torch.manual_seed(rng_seed(args.seed, step, shard, 2))  # noise and dropout: exact on resume
             with contextlib.ExitStack() as sync:  # all-reduce gradients on the last accumulation round only
+                sync.enter_context(augment_labels.given(augment))
                 if distributed and m < accum - 1:
                     for module_ddp in trained:
                         sync.enter_context(module_ddp.no_sync())

@@ -75,16 +75,133 @@ TINY_PROMPTS = ["a red disc", "an orange ring", "a yellow square", "a green tria
                 "a grey square on white", "a small red ring"]  # fmt: skip
 TINY_TOKENS = 32
 
-# Named presets: FastGen's Flux / SD1.5 / SDXL experiment configs (reference/methods.md §7.1, §7.3, §7.9) as flag
-# defaults. Batch sizes are global; micro_batch is FastGen's per-GPU batch.
+# Named presets: FastGen's Flux / SD1.5 / SDXL experiment configs (NVlabs/FastGen fastgen/configs/experiments/{Flux,
+# SD15,SDXL}, commit 34f30e8; reference/methods.md §7.1, §7.3, §7.9) as flag defaults, each a few small bases joined
+# with `|` plus what it changes; tests/test_presets.py compares them with FastGen value by value and README's "Presets
+# vs FastGen" lists the deliberate differences. --batch_size is global; --micro_batch is FastGen's per-GPU batch.
+# Where a config sets only the per-GPU batch (its global batch then depends on the GPU count), the preset's global
+# batch is one node of 8 GPUs. No FastGen text-to-image config keeps an EMA.
+_FLUX = dict(
+    model="flux",
+    resolution=512,
+    guidance=3.5,
+    precision="bf16",
+    t_min=0.001,
+    t_max=0.999,
+    fsdp=True,
+    grad_ckpt=True,
+    ema="",
+)
+_SD15 = dict(
+    model="sd15",
+    resolution=512,
+    precision="bf16",
+    t_min=1.0,
+    t_max=999.0,
+    ema="",
+)
+_SDXL = dict(
+    model="sdxl",
+    resolution=1024,
+    t_min=1.0,
+    t_max=999.0,
+    ema="",
+)
+_SFT = dict(
+    method="sft",
+    lr=1e-5,
+    eval_steps=50,
+)
+_DMD2_SD15 = dict(
+    _SD15,
+    method="dmd2",
+    lr=1e-5,
+    critic_lr=1e-5,
+    gan_weight=1e-3,
+    guidance=1.75,
+    student_steps=1,
+    batch_size=2048,
+    micro_batch=32,
+    max_steps=100_000,
+    student_update_freq=10,
+)
+_DMD2_SDXL = dict(
+    _SDXL,
+    method="dmd2",
+    lr=5e-5,
+    critic_lr=5e-5,
+    gan_weight=5e-3,
+    guidance=8.0,
+    student_steps=1,
+    fake_score_pred_type="native",
+    micro_batch=6,
+    batch_size=48,
+    max_steps=25_000,
+    fsdp=True,
+    grad_ckpt=True,
+)
 PRESETS = {
-    "dmd2-flux": dict(model="flux", method="dmd2", lr=1e-5, critic_lr=1e-5, resolution=512, gan_weight=0.03, gan_same_t_noise=True, guidance=3.5, precision="bf16", student_steps=4, t_sampler="uniform", t_min=0.001, t_max=0.999, micro_batch=2, batch_size=16, max_steps=5000, student_update_freq=5, fsdp=True, grad_ckpt=True, ema=""),
-    "sft-flux": dict(model="flux", method="sft", lr=1e-5, resolution=512, guidance=3.5, precision="bf16", t_sampler="uniform", t_min=0.001, t_max=0.999, micro_batch=4, batch_size=128, max_steps=10_000, fsdp=True, grad_ckpt=True, ema="", eval_steps=50),
-    "dmd2-sd15": dict(model="sd15", method="dmd2", lr=1e-5, critic_lr=1e-5, resolution=512, gan_weight=1e-3, guidance=1.75, precision="bf16", student_steps=1, t_sampler="uniform", t_min=1.0, t_max=999.0, batch_size=2048, max_steps=100_000, student_update_freq=10),
-    "sft-sd15": dict(model="sd15", method="sft", lr=1e-5, resolution=512, guidance=7.5, cond_dropout=0.1, precision="bf16", t_sampler="uniform", t_min=1.0, t_max=999.0, batch_size=256, max_steps=100_000, eval_steps=50),
-    "dmd2-sdxl": dict(model="sdxl", method="dmd2", lr=5e-5, critic_lr=5e-5, resolution=1024, gan_weight=5e-3, guidance=8.0, precision="bf16", student_steps=1, t_sampler="uniform", t_min=1.0, t_max=999.0, micro_batch=6, batch_size=48, max_steps=25_000, student_update_freq=5, fsdp=True, grad_ckpt=True),
-    "kd-sdxl": dict(model="sdxl", method="kd", lr=1e-5, resolution=1024, guidance=8.0, precision="bf16", student_steps=1, micro_batch=16, batch_size=128, max_steps=6000, pairs="pairs/sdxl"),
-}  # fmt: skip
+    "dmd2-flux": dict(
+        _FLUX,
+        method="dmd2",
+        lr=1e-5,
+        critic_lr=1e-5,
+        gan_weight=0.03,
+        gan_same_t_noise=True,
+        student_steps=4,
+        micro_batch=2,
+        batch_size=16,
+        max_steps=5000,
+    ),
+    "sft-flux": dict(
+        _FLUX | _SFT,
+        micro_batch=4,
+        batch_size=128,
+        max_steps=10_000,
+    ),
+    "dmd2-sd15": _DMD2_SD15,
+    "fdistill-sd15": dict(
+        _DMD2_SD15,
+        method="fdistill",
+        f_div="js",
+    ),
+    "sft-sd15": dict(
+        _SD15 | _SFT,
+        guidance=7.5,
+        micro_batch=32,
+        batch_size=256,
+        max_steps=100_000,
+    ),
+    "dmd2-sdxl": _DMD2_SDXL,
+    "fdistill-sdxl": dict(
+        _DMD2_SDXL,
+        method="fdistill",
+        lr=5e-7,
+        critic_lr=5e-7,
+        f_div="js",
+    ),
+    "kd-sdxl": dict(
+        _SDXL,
+        method="kd",
+        lr=1e-5,
+        guidance=8.0,
+        student_steps=1,
+        micro_batch=16,
+        batch_size=128,
+        max_steps=6000,
+        pairs="pairs/sdxl",
+    ),
+    "sft-sdxl": dict(
+        _SDXL | _SFT,
+        guidance=7.5,
+        precision="bf16",
+        micro_batch=8,
+        batch_size=256,
+        max_steps=100_000,
+        fsdp=True,
+        grad_ckpt=True,
+    ),
+}
 
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -105,7 +222,7 @@ parser.add_argument("--teacher_steps", type=int, default=28, help="teacher sampl
 parser.add_argument("--resolution", type=int, default=0, help="image side in pixels (default: the family's; latents are 1/8)")
 parser.add_argument("--tiny", action="store_true", help="tiny random networks, encoders and VAE: checks the code path in seconds")
 # optimisation and scale
-parser.add_argument("--batch_size", type=int, default=8, help="global batch; gradient accumulation makes up the rest")
+parser.add_argument("--batch_size", type=int, default=8, help="global batch (all GPUs); gradient accumulation makes up the rest. FastGen's configs mostly set a per-GPU batch: the presets convert")
 parser.add_argument("--micro_batch", type=int, default=0, help="per-process batch per forward (0 = batch_size / world)")
 parser.add_argument("--max_steps", type=int, default=1000)
 parser.add_argument("--lr", type=float, default=1e-5, help="student lr (AdamW, constant, as FastGen's configs)")
@@ -128,6 +245,7 @@ parser.add_argument("--guidance", type=float, default=None, help="flux: the embe
 parser.add_argument("--cond_dropout", type=float, default=0.0, help="sft: share of samples trained on the empty prompt (enables CFG)")  # fmt: skip
 parser.add_argument("--student_steps", type=int, default=1, help="sampling steps of the student on t_list(K)")
 parser.add_argument("--student_update_freq", type=int, default=5, help="dmd2/fdistill/ladd: a generator step every N steps, critic steps between")  # fmt: skip
+parser.add_argument("--fake_score_pred_type", choices=["x0", "native"], default="x0", help="dmd2/fdistill: the space of the fake score's denoising loss: x0, or the network's own prediction type (eps for SD, flow for Flux)")  # fmt: skip
 parser.add_argument("--gan_weight", type=float, default=0.03, help="dmd2/fdistill: weight of the generator's GAN loss (0 = no heads)")  # fmt: skip
 parser.add_argument("--disc_features", default="", help="teacher blocks the GAN heads read, e.g. 14,28 (default: flux the middle block, sd the mid block)")  # fmt: skip
 parser.add_argument("--gan_same_t_noise", action="store_true", help="noise real latents with the fake sample's t and noise")
@@ -361,9 +479,19 @@ def ladd_generator_loss(net, teacher, disc, x0, shape, cond, args, module):
     return loss, {"gan_loss_gen": loss.item()}
 
 
+def fake_score_loss(fake_net, x_t, g, t, cond, args, module):
+    """The fake score's denoising score matching on student samples g noised to x_t at t, unweighted, in the space
+    of --fake_score_pred_type (FastGen's fake_score_pred_type): x0, ||D_fake - g||^2 (FastGen's SD1.5 and Flux), or the
+    network's native prediction, e.g. ||eps_fake - eps||^2 for SDXL, whose configs leave the type unset."""
+    if args.fake_score_pred_type == "x0":
+        return (denoise(module, fake_net, x_t, t, cond).float() - g.float()).square().mean()
+    target = module.from_x0(x_t.double(), g.double(), t, module.PRED_TYPE)
+    return (fake_net(x_t, t, **cond).float() - target.float()).square().mean()
+
+
 def critic_loss(student, teacher, fake_net, disc_net, x0, shape, cond, args, module):
     """The critic step of DMD2 / f-distill / LADD. The fake score (absent in LADD) learns the student's distribution by
-    denoising score matching on student samples in x0 space (FastGen's fake_score_pred_type x0), and the GAN heads
+    denoising score matching on student samples (fake_score_loss), and the GAN heads
     learn to tell noised real latents from noised student samples, softplus(D(fake)) + softplus(-D(real)); optional
     approximate R1: the heads' logits should not change when the clean real latents move by r1_alpha n (APT)."""
     device = next(iter(cond.values())).device
@@ -375,7 +503,7 @@ def critic_loss(student, teacher, fake_net, disc_net, x0, shape, cond, args, mod
     x_t = noised(module, g, eps, t)
     logs, loss = {}, g.new_zeros((), dtype=torch.float32)
     if fake_net is not None:
-        loss_fake = (denoise(module, fake_net, x_t, t, cond).float() - g.float()).square().mean()
+        loss_fake = fake_score_loss(fake_net, x_t, g, t, cond, args, module)
         logs["fake_score_loss"] = loss_fake.item()
         loss = loss + loss_fake
     if disc_net is None:
@@ -389,7 +517,8 @@ def critic_loss(student, teacher, fake_net, disc_net, x0, shape, cond, args, mod
     with torch.no_grad():
         maps = [features(teacher, x_t, t, cond, indices), features(teacher, x_real, t_real, cond, indices)]  # fmt: skip
         if args.r1_weight > 0:
-            x_perturbed = noised(module, x0 + args.r1_alpha * torch.randn_like(x0), eps_real, t_real)
+            # FastGen's form (dmd2.py): the clean real moved by r1_alpha n, seen by the teacher at t_real.
+            x_perturbed = x0 + args.r1_alpha * torch.randn_like(x0)
             maps.append(features(teacher, x_perturbed, t_real, cond, indices))
     # One pass of the heads over [fake; real; perturbed real], so that DDP sees a single forward per step.
     logits = disc_net([torch.cat(m) for m in zip(*maps)]).float().chunk(len(maps))

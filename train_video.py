@@ -75,32 +75,183 @@ TINY_PROMPTS = ["a red fox runs through snow", "waves break on a rocky shore", "
 # fmt: on
 WAN_T_LIST = ",".join(str(t) for t in wan.SELF_FORCING_T_LIST)  # FastGen's 4-step list [0.999, 0.937, 0.833, 0.624, 0]
 
-# Named presets: FastGen's Wan T2V 1.3B experiment configs (reference/methods.md §7.1, §7.3, §7.9) as flag defaults.
-_WAN = dict(model="wan", teacher="wan2.1-t2v-1.3b", precision="bf16", latent_shape="16,21,60,104", guidance=5.0)
+# Named presets: FastGen's bidirectional video experiment configs (NVlabs/FastGen fastgen/configs/experiments/{WanT2V,
+# WanI2V,WanV2V,CogVideoX,CosmosPredict2}, commit 34f30e8; reference/methods.md §7.1, §7.3, §7.9) as flag defaults,
+# each a few small bases joined with `|` plus what it changes; tests/test_presets.py compares them with FastGen value
+# by value and README's "Presets vs FastGen" lists the deliberate differences. These configs set only a per-GPU batch
+# (their global batch is that times the GPU count; Wan 1.3B DMD2 alone fixes 64): --micro_batch is FastGen's per-GPU
+# batch and --batch_size the global one of a node of 8 GPUs (more GPUs: pass --batch_size per-GPU x GPUs).
+_WAN = dict(
+    model="wan",
+    teacher="wan2.1-t2v-1.3b",
+    precision="bf16",
+    latent_shape="16,21,60,104",
+    guidance=5.0,
+)
+_WAN14 = dict(
+    _WAN,
+    teacher="wan2.1-t2v-14b",
+    fsdp=True,
+    grad_checkpointing=True,
+)
+_WAN_I2V = _WAN14 | dict(teacher="wan2.1-i2v-14b-480p")
+_VACE = dict(
+    _WAN,
+    teacher="wan2.1-vace-1.3b",
+)
+_COG = dict(
+    model="cogvideox",
+    teacher="cogvideox-5b",
+    precision="bf16",
+    latent_shape="16,13,60,90",
+    guidance=6.0,
+)
+_COSMOS = dict(
+    model="cosmos",
+    teacher="cosmos-predict2.5-2b",
+    precision="bf16",
+    latent_shape="16,24,60,104",
+    guidance=3.0,
+)
+_COSMOS14 = dict(
+    _COSMOS,
+    teacher="cosmos-predict2.5-14b",
+    fsdp=True,
+    grad_checkpointing=True,
+)
+_SFT = dict(
+    method="sft",
+    lr=5e-5,
+    t_sampler="uniform",
+    student_steps=50,  # the grids sample the fine-tuned model with FastGen's 50 steps
+    micro_batch=1,
+    batch_size=8,
+    max_steps=1_000_000,
+)
+_KD = dict(
+    method="kd",
+    lr=7e-5,
+    micro_batch=2,
+    batch_size=16,
+    max_steps=6000,
+    student_steps=1,
+)
+_DMD2 = dict(
+    method="dmd2",
+    lr=1e-5,
+    gan_weight=0.03,
+    gan_same_t_noise=True,
+    t_sampler="shifted",
+    shift=5.0,
+    student_sample_type="ode",
+    student_steps=4,
+    t_list=WAN_T_LIST,
+    student_update_freq=5,
+)
+_TWO_STEPS = dict(
+    student_steps=2,
+    t_list="0.999,0.833,0",
+)
+_SFT_COSMOS = dict(
+    _SFT,
+    lr=1e-5,
+    student_steps=35,
+    max_steps=10_000,
+)
+_DMD2_COSMOS = dict(
+    _DMD2,
+    disc_blocks="13,20,27",
+    micro_batch=1,
+    batch_size=8,
+    max_steps=10_000,
+)
 PRESETS = {
-    "sft-wan-t2v-1.3b": dict(_WAN, method="sft", lr=5e-5, t_sampler="uniform", batch_size=1, teacher_steps=50),
-    "kd-wan-t2v-1.3b": dict(_WAN, method="kd", lr=7e-5, batch_size=2, max_steps=6000, student_steps=1),
+    # Wan 2.1 T2V (WanT2V/config_*.py)
+    "sft-wan-t2v-1.3b": _WAN | _SFT,
+    "sft-wan-t2v-14b": _WAN14 | _SFT,
+    "kd-wan-t2v-1.3b": _WAN | _KD,
     "kd-wan-t2v-1.3b-4step": dict(
-        _WAN, method="kd", lr=7e-5, batch_size=2, max_steps=10_000, student_steps=4, t_list=WAN_T_LIST
-    ),  # fmt: skip
-    # FastGen's headline 4-step bidirectional Wan 1.3B DMD2 student (WanT2V/config_dmd2.py).
-    "dmd2-wan-t2v-1.3b": dict(
-        _WAN,
-        method="dmd2",
-        lr=1e-5,
-        disc_blocks="15,22,29",
-        gan_weight=0.03,
-        t_sampler="shifted",
-        shift=5.0,
-        gan_same_t_noise=True,
-        student_sample_type="ode",
+        _WAN | _KD,
+        max_steps=10_000,
         student_steps=4,
         t_list=WAN_T_LIST,
+    ),
+    # FastGen's headline 4-step bidirectional Wan 1.3B DMD2 student.
+    "dmd2-wan-t2v-1.3b": dict(
+        _WAN | _DMD2,
+        disc_blocks="15,22,29",
         batch_size=64,
         micro_batch=1,
         max_steps=6000,
-        student_update_freq=5,
-    ),  # fmt: skip
+    ),
+    "dmd2-wan-t2v-14b": dict(
+        _WAN14 | _DMD2 | _TWO_STEPS,
+        disc_blocks="21,30,39",
+        micro_batch=2,
+        batch_size=16,
+        max_steps=1_000_000,
+    ),
+    # Wan 2.1 I2V 14B 480p (WanI2V/config_*_14b.py): --data shards carry image_tokens and image_latents.
+    "sft-wan-i2v-14b": _WAN_I2V | _SFT,
+    "dmd2-wan-i2v-14b": dict(
+        _WAN_I2V | _DMD2 | _TWO_STEPS,
+        disc_blocks="21,30,39",
+        micro_batch=1,
+        batch_size=8,
+        max_steps=5000,
+    ),
+    # Wan 2.1 VACE (WanV2V/config_*.py): --data shards carry the control input.
+    "sft-wan-vace-1.3b": _VACE | _SFT,
+    "sft-wan-vace-14b": dict(
+        _WAN14 | _SFT,
+        teacher="wan2.1-vace-14b",
+    ),
+    "dmd2-wan-vace-1.3b": dict(
+        _VACE | _DMD2,
+        guidance=4.0,
+        ema="0.9999",
+        disc_blocks="15,22,29",
+        micro_batch=2,
+        batch_size=16,
+        max_steps=1_000_000,
+    ),
+    # CogVideoX (CogVideoX/config_*.py); t in DDPM timesteps, FastGen's [0, 1) times x 1000.
+    "sft-cogvideox-5b": dict(
+        _COG | _SFT,
+        lr=2e-5,
+        micro_batch=2,
+        batch_size=16,
+    ),
+    "kd-cogvideox-2b": dict(
+        _COG | _KD,
+        teacher="cogvideox-2b",
+        lr=1e-4,
+    ),
+    "dmd2-cogvideox-5b": dict(
+        _COG | _DMD2,
+        t_sampler="uniform",
+        t_list="999,937,833,624,0",
+        disc_blocks="21,31,41",
+        micro_batch=2,
+        batch_size=16,
+        max_steps=10_000,
+    ),
+    # Cosmos Predict 2.5 (CosmosPredict2/config_*.py); v2w: Video2World, the first latent frame given.
+    "sft-cosmos-2b": _COSMOS | _SFT_COSMOS,
+    "sft-cosmos-14b": _COSMOS14 | _SFT_COSMOS,
+    "sft-cosmos-2b-v2w": dict(
+        _COSMOS | _SFT_COSMOS,
+        cond_frames=1,
+    ),
+    "dmd2-cosmos-2b": _COSMOS | _DMD2_COSMOS,
+    "dmd2-cosmos-14b": dict(
+        _COSMOS14 | _DMD2_COSMOS,
+        disc_blocks="18",
+    ),
+    "dmd2-cosmos-2b-v2w": dict(
+        _COSMOS | _DMD2_COSMOS,
+        cond_frames=1,
+    ),
 }
 
 # fmt: off
@@ -123,7 +274,7 @@ parser.add_argument("--latent_shape", default="", help="C,T,H,W of generated lat
 parser.add_argument("--cond_frames", type=int, default=0, help="cosmos Video2World: the first N latent frames of --data are given")
 parser.add_argument("--tiny", action="store_true", help="tiny random networks and encoders: checks the code path in seconds")
 # optimisation and scale
-parser.add_argument("--batch_size", type=int, default=4, help="global batch; gradient accumulation makes up the rest")
+parser.add_argument("--batch_size", type=int, default=4, help="global batch (all GPUs); gradient accumulation makes up the rest. FastGen's video configs set a per-GPU batch: the presets convert (--micro_batch)")
 parser.add_argument("--micro_batch", type=int, default=0, help="per-process batch per forward (0 = batch_size / world)")
 parser.add_argument("--max_steps", type=int, default=1000)
 parser.add_argument("--lr", type=float, default=1e-5)

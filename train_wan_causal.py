@@ -73,39 +73,71 @@ TINY_PROMPTS = ["a red fox in snow", "waves on a beach at dusk", "a city street 
                 "fireworks over a harbour", "a horse running in a field", "clouds over mountains", "a bowl of fruit"]  # fmt: skip
 SF_T_LIST = ",".join(str(t) for t in wan.SELF_FORCING_T_LIST)
 
-# Named presets: FastGen's WanT2V causal experiment configs (reference/methods.md §7.2, 7.4, 7.12, 7.13) as flag
-# defaults. Wan 2.1 1.3B at 480p: 81 frames -> 21 latent frames of 60 x 104, chunks of 3 latent frames (7 chunks).
-_WAN13 = dict(teacher="wan2.1-t2v-1.3b", frames=21, height=60, width=104, chunk_size=3, precision="bf16", fsdp=True, guidance=5.0, t_min=0.001, t_max=0.999)  # fmt: skip
+# Named presets: FastGen's WanT2V causal experiment configs (NVlabs/FastGen fastgen/configs/experiments/WanT2V, commit
+# 34f30e8; reference/methods.md §7.2, 7.4, 7.12, 7.13) as flag defaults, each a few small bases joined with `|` plus
+# what it changes; tests/test_presets.py compares them with FastGen value by value and README's "Presets vs FastGen"
+# lists the deliberate differences. Wan 2.1 at 480p: 81 frames -> 21 latent frames of 60 x 104, chunks of 3 latent
+# frames (7 chunks). FastGen's batch here is per GPU, which is --micro_batch; --batch_size 0 keeps one micro-batch per
+# process, so the global batch is micro_batch x GPUs as in FastGen.
+_WAN13 = dict(
+    teacher="wan2.1-t2v-1.3b",
+    frames=21,
+    height=60,
+    width=104,
+    chunk_size=3,
+    precision="bf16",
+    fsdp=True,
+    guidance=5.0,
+)
+_WAN14 = _WAN13 | dict(teacher="wan2.1-t2v-14b")  # the same UMT5 text encoder as the 1.3B
+_SFT = dict(
+    method="sft",
+    lr=5e-5,
+    t_sampler="uniform",
+    micro_batch=1,
+    max_steps=5000,
+)
+_DMD = dict(
+    t_sampler="shifted",
+    student_update_freq=5,
+    context_noise=0.0,
+)
+_SELF_FORCING = dict(
+    _DMD,
+    method="self_forcing",
+    lr=5e-6,
+    critic_lr=5e-6,
+    micro_batch=1,
+    max_steps=5000,
+)
 PRESETS = {
-    "sft-causal-wan1.3b": _WAN13 | dict(method="sft", lr=5e-5, t_sampler="uniform", micro_batch=1, max_steps=5000),
+    "sft-causal-wan1.3b": _WAN13 | _SFT,
+    "sft-causal-wan14b": _WAN14 | _SFT,
     # FastGen's Wan KD config (config_kd_path: lr 7e-5, batch 2, 10k steps, 4-step t list); the teacher trajectories
     # are 50 Euler steps with CFG 5 (Self-Forcing's ODE init used the teacher's own solver).
-    "kd-causal-wan1.3b": _WAN13
-    | dict(method="kd", lr=7e-5, micro_batch=2, max_steps=10_000, teacher_steps=50, num_pairs=10_000),  # fmt: skip
-    "causvid-wan1.3b": _WAN13
-    | dict(
+    "kd-causal-wan1.3b": dict(
+        _WAN13,
+        method="kd",
+        lr=7e-5,
+        micro_batch=2,
+        max_steps=10_000,
+        teacher_steps=50,
+        num_pairs=10_000,
+    ),
+    "causvid-wan1.3b": dict(
+        _WAN13 | _DMD,
         method="causvid",
         student_init="self-forcing-ode-init",
         lr=5e-5,
         critic_lr=5e-5,
-        t_sampler="shifted",
         micro_batch=2,
-        student_update_freq=5,
-        context_noise=0.0,
-        max_steps=5000,
-    ),  # fmt: skip
-    "self-forcing-wan1.3b": _WAN13
-    | dict(
-        method="self_forcing",
+        max_steps=1_000_000,
+    ),
+    "self-forcing-wan1.3b": dict(
+        _WAN13 | _SELF_FORCING,
         student_init="self-forcing-ode-init",
-        lr=5e-6,
-        critic_lr=5e-6,
-        t_sampler="shifted",
-        micro_batch=1,
-        student_update_freq=5,
-        context_noise=0.0,
-        max_steps=5000,
-    ),  # fmt: skip
+    ),
+    "self-forcing-wan14b": _WAN14 | _SELF_FORCING,
 }
 
 # fmt: off
@@ -131,7 +163,7 @@ parser.add_argument("--width", type=int, default=104, help="latent width (832 px
 parser.add_argument("--chunk_size", type=int, default=3, help="latent frames per causal chunk (the first absorbs the remainder)")
 parser.add_argument("--tiny", action="store_true", help="tiny random Wan, UMT5 and VAE, 7 latent frames of 4 x 4 in chunks of 2: the code path in seconds")
 # optimisation
-parser.add_argument("--batch_size", type=int, default=0, help="global batch; 0 = one micro-batch per process; accumulation makes up the rest")
+parser.add_argument("--batch_size", type=int, default=0, help="global batch (all GPUs); 0 = one micro-batch per process (FastGen's per-GPU batch); accumulation makes up the rest")
 parser.add_argument("--micro_batch", type=int, default=1, help="clips per process per forward")
 parser.add_argument("--max_steps", type=int, default=1000)
 parser.add_argument("--lr", type=float, default=5e-6)
