@@ -680,8 +680,8 @@ DEFAULTS = {action.dest: action.default for action in parser._actions}
 FLAG_RANGES = {
     "positive": ["batch_size", "p_std", "t_max", "ct_q", "ct_kimg_per_stage", "fd_eps", "transition_t", "r_p_std", "student_update_freq", "student_steps", "ratio_lower", "ratio_upper", "huber_c", "adam_eps", "grad_clip", "max_skipped_steps"],
     "learning_rate": ["lr"],
-    "unit": ["dropout", "label_dropout", "beta1", "beta2", "critic_lr", "ct_ratio_limit", "boundary_prob", "r_ratio", "ratio_ema"],
-    "non_negative": ["micro_batch", "max_steps", "weight_decay", "warmup_steps", "lr_decay_steps", "tangent_warmup_steps", "w_boundary", "mf_norm_p", "mf_norm_c", "gan_weight", "r1_weight", "r1_alpha", "ratio_bins", "eval_every", "eval_n", "save_every", "num_threads", "guidance", "seed"],
+    "unit": ["augment_p", "mf_cond_dropout", "mf_kappa", "mf_t_start", "mf_t_end", "dropout", "label_dropout", "beta1", "beta2", "critic_lr", "ct_ratio_limit", "boundary_prob", "r_ratio", "ratio_ema"],
+    "non_negative": ["ct_start_step", "mf_guidance", "micro_batch", "max_steps", "weight_decay", "warmup_steps", "lr_decay_steps", "tangent_warmup_steps", "w_boundary", "mf_norm_p", "mf_norm_c", "gan_weight", "r1_weight", "r1_alpha", "ratio_bins", "eval_every", "eval_n", "save_every", "num_threads", "guidance", "seed"],
     "finite": ["p_mean", "r_p_mean"],
 }  # fmt: skip
 # What makes two runs the same run: --resume refuses a checkpoint whose args.json differs in these.
