@@ -29,18 +29,25 @@ latents for sft, ladd's real branch, the GAN heads and few-step dmd2 students, e
 teacher samples, and so does ladd here when no --data is given). Prompt embeddings are cached once per prompt
 (encoders.cached_embeddings). --tiny with neither: the tiny teacher's pairs on built-in prompts, made on the fly.
 
-Outputs in --out_dir: metrics.jsonl, samples/step_NNNNNNN.png (decoded through the VAE), checkpoints ckpt_NNNNNNN/
-(student.safetensors, ema_*.safetensors, fake_score.safetensors and discriminator.safetensors where the method has
-them, state.pt with optimizer state, args.json). --resume continues from the newest checkpoint exactly.
+Outputs in --out_dir (default out/train_flux/<preset, or model-method>[-tiny]): args.json, metrics.jsonl (a line per
+step, flushed), samples/step_NNNNNNN.png (decoded through the VAE), checkpoints ckpt_NNNNNNN/ (student.safetensors,
+ema_*.safetensors, fake_score.safetensors and discriminator.safetensors where the method has them, state.pt with
+optimizer state, args.json), written only when every weight is finite. A directory holds one run: --resume continues
+it from its newest checkpoint exactly (same model, method and teacher), --overwrite replaces it. A step whose loss or
+gradient is not finite is skipped; --max_skipped_steps in a row stop the run. --print_config shows the resolved flags.
 """
 
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
+import pickle
+import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, replace
 
@@ -50,6 +57,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -261,28 +269,74 @@ parser.add_argument("--eval_every", type=int, default=500, help="sample grid and
 parser.add_argument("--eval_n", type=int, default=16, help="fixed noise/prompt pairs of the grid and the teacher distance")
 parser.add_argument("--eval_steps", type=int, default=0, help="student sampling steps of the grid (0 = --student_steps)")
 parser.add_argument("--save_every", type=int, default=1000)
-parser.add_argument("--out_dir", default="out/train_flux")
-parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out_dir")
+parser.add_argument("--out_dir", default=None, help="the run's directory (default out/train_flux/<preset, or model-method>[-tiny])")
+parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its newest checkpoint (same model and method)")
+parser.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds another run, removing its files")
+parser.add_argument("--max_skipped_steps", type=int, default=5, help="stop after this many consecutive steps skipped for a non-finite loss or gradient")
+parser.add_argument("--print_config", action="store_true", help="print the resolved configuration (JSON, derived values included) and exit")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
 parser.add_argument("--wandb", default="", help="also log to this wandb project (if wandb is installed)")
 # fmt: on
 DEFAULTS = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+# Every numeric flag by the range it must lie in (tests/test_bad_input_flux.py checks that none is missing).
+FLAG_RANGES = {
+    "positive": ["pair_states", "teacher_steps", "batch_size", "grad_clip", "p_std", "student_steps", "student_update_freq", "ratio_lower", "ratio_upper", "eval_n", "max_skipped_steps"],
+    "learning_rate": ["lr"],
+    "unit": ["critic_lr", "beta1", "beta2", "cond_dropout", "ratio_ema"],
+    "non_negative": ["make_pairs", "resolution", "micro_batch", "max_steps", "weight_decay", "t_min", "t_max", "guidance", "gan_weight", "r1_weight", "r1_alpha", "ratio_bins", "eval_every", "eval_steps", "save_every", "seed", "num_threads"],
+    "finite": ["p_mean"],
+}  # fmt: skip
+# What makes two runs the same run: --resume refuses a checkpoint whose args.json differs in these. The networks'
+# architecture is the teacher's; the GAN heads' is fixed by the blocks they read and (SD heads) the resolution.
+RUN_IDENTITY = ["script", "model", "method", "teacher", "tiny", "resolution", "disc_features"]
 
 
 def parse_args(argv=None):
-    """Flags over the preset over argparse defaults, then the family's defaults for what is left unset."""
+    """Flags over the preset over argparse defaults, then the family's defaults for what is left unset. Every number
+    is checked here, before anything loads: a bad one ends the run with one line and exit code 2."""
     parser.set_defaults(**DEFAULTS)  # a clean slate when called more than once in a process (tests)
     known = parser.parse_known_args(argv)[0]
     if known.preset:
         parser.set_defaults(**PRESETS[known.preset])
     args = parser.parse_args(argv)
+    module = FAMILIES[args.model][0]
     sd = args.model != "flux"
     args.t_min = (1.0 if sd else 0.001) if args.t_min is None else args.t_min
     args.t_max = (999.0 if sd else 0.999) if args.t_max is None else args.t_max
     args.guidance = (1.0 if sd else flux.DEFAULT_GUIDANCE) if args.guidance is None else args.guidance
+    args.resolution = args.resolution or FAMILIES[args.model][5]
     if args.tiny:  # the same code path at CPU size
         args.batch_size, args.resolution = min(args.batch_size, 8), 16
+    args.out_dir = args.out_dir or os.path.join("out", "train_flux", (args.preset or f"{args.model}-{args.method}") + "-tiny" * args.tiny)  # fmt: skip
+    check_flag_ranges(args, FLAG_RANGES)
+    if not module.T_MIN <= args.t_min < args.t_max <= module.T_MAX:
+        fail(f"--t_min {args.t_min} and --t_max {args.t_max} are not an interval of {args.model}'s times", "--t_min/--t_max", f"give {module.T_MIN:g} <= t_min < t_max <= {module.T_MAX:g}")  # fmt: skip
+    if args.ratio_lower > args.ratio_upper:
+        fail(f"--ratio_lower {args.ratio_lower} is above --ratio_upper {args.ratio_upper}", "--ratio_lower", "give ratio_lower <= ratio_upper")  # fmt: skip
+    patch = 2 if args.tiny else 16  # Flux packs 2x2 latent patches; the VAE divides by 2 (tiny) or 8
+    if args.model == "flux" and args.resolution % patch:
+        fail(f"--resolution {args.resolution} is not a whole number of Flux's 2x2 latent patches", "--resolution", f"give a multiple of {patch}")  # fmt: skip
+    if args.model != "flux" and not args.tiny and args.resolution % 8:
+        fail(f"--resolution {args.resolution} is not a whole number of latent pixels", "--resolution", "give a multiple of 8")  # fmt: skip
+    for spec in (s for s in args.ema.split(",") if s):
+        try:
+            rate = float(spec)
+        except ValueError:
+            rate = math.nan
+        if not 0 <= rate <= 1:
+            fail(f"EMA rate {spec!r} is not a number in [0, 1]", "--ema", "give a comma list of rates such as 0.999,0.9999, or '' for none")  # fmt: skip
+    if args.disc_features and not all(f.strip().isdigit() for f in args.disc_features.split(",")):
+        fail(f"--disc_features {args.disc_features!r} is not a comma list of block indices", "--disc_features", "give block numbers such as 14,28")  # fmt: skip
+    if args.make_pairs and args.teacher_steps % args.pair_states:
+        fail(f"{args.teacher_steps} teacher steps do not split into {args.pair_states} equal segments", "--teacher_steps", f"give a multiple of --pair_states {args.pair_states}")  # fmt: skip
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    micro, accum = split_batch(args.batch_size, args.micro_batch, world)
+    if args.print_config:
+        emas = [dict(name=f"ema_{s}", kind="constant", value=float(s)) for s in args.ema.split(",") if s]
+        derived = dict(world_size=world, micro_batch_per_process=micro, accumulation_steps=accum, emas=emas, fsdp=args.fsdp and world > 1, latent_side=args.resolution // (2 if args.tiny else 8))  # fmt: skip
+        print(json.dumps(vars(args) | {"derived": derived}, indent=1))
+        raise SystemExit(0)
     return args
 
 
@@ -593,49 +647,112 @@ def text_encoder(args, cfg):
     return TextEncoder(args.model, tiny=widths)
 
 
+# What a file that does not load raises (missing, unreadable, corrupt, another network's): reported as bad input.
+BAD_FILE = (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError)
+
+
 def make_vae(args, latent_channels):
     if args.tiny:
         torch.manual_seed(rng_seed(args.seed, 5))
         return autoencoder_kl.AutoencoderKL(replace(autoencoder_kl.CONFIGS["tiny"], latent_channels=latent_channels)).eval()  # fmt: skip
-    return autoencoder_kl.from_pretrained(args.vae or FAMILIES[args.model][4])
+    name = args.vae or FAMILIES[args.model][4]
+    try:
+        return autoencoder_kl.from_pretrained(name)
+    except BAD_FILE as e:
+        fail(f"cannot load the autoencoder {name}: {e}", "--vae", "download it with download.py, or give a preset of models/autoencoder_kl.py, a Hub repo or a local folder")  # fmt: skip
 
 
-def read_latent_shards(folder):
-    """Latent shards (*.safetensors with `latents` (N, C, h, w) and metadata `prompts`): (latents, prompts)."""
-    from safetensors import safe_open
-
-    latents, prompts = [], []
-    for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
-        with safe_open(os.path.join(folder, name), framework="pt") as f:
-            meta = f.metadata() or {}
-            if "latents" not in f.keys() or "prompts" not in meta:
-                raise ValueError(f"{name} in {folder}: a latent shard needs a `latents` tensor and `prompts` metadata")
-            latents.append(f.get_tensor("latents").float())
-        prompts += json.loads(meta["prompts"])
-        if len(prompts) != sum(len(x) for x in latents):
-            raise ValueError(f"{name} in {folder}: {len(latents[-1])} latents but a different number of prompts")
-    return torch.cat(latents), prompts
+def read_prompts(path):
+    """The prompts of a text file, one per non-blank line. A file that is missing, not text or without a single prompt
+    stops the run (an empty file would otherwise train on the empty prompt alone)."""
+    fix = "give a UTF-8 text file with one prompt per line"
+    if not os.path.isfile(path):
+        fail(f"{path} {'is a folder' if os.path.isdir(path) else 'does not exist'}", "--prompts", fix)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"{path} is not readable text ({e})", "--prompts", fix)
+    if "\x00" in text:
+        fail(f"{path} is a binary file, not text", "--prompts", fix)
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        fail(f"{path} holds no prompt (every line is blank)", "--prompts", fix)
+    return prompts
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+DATA_FIX = "give a folder of images (png/jpg/webp, captions in NAME.txt) or of latent shards (*.safetensors)"
+
+
+def data_kind(folder):
+    """'shards' or 'images': what --data holds, checked before anything loads."""
+    if not os.path.isdir(folder):
+        fail(f"{folder} {'is a file' if os.path.exists(folder) else 'does not exist'}", "--data", DATA_FIX)
+    names = os.listdir(folder)
+    if any(f.endswith(".safetensors") for f in names):
+        return "shards"
+    if not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in names):
+        fail(f"{folder} holds no images and no latent shards", "--data", DATA_FIX)
+    return "images"
+
+
+def read_latent_shards(folder, where=None):
+    """Latent shards (*.safetensors with `latents` (N, C, h, w) and metadata `prompts`): (latents, prompts). A file
+    that is not such a shard stops the run, naming it."""
+    where = where or f"--data {folder}"
+    latents, prompts = [], []
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                meta = f.metadata() or {}
+                if "latents" not in f.keys() or "prompts" not in meta:
+                    fail(f"{name} is not a latent shard: it needs a `latents` tensor and `prompts` metadata", where, "write shards as download.py or the image encoding of this script does")  # fmt: skip
+                x = f.get_tensor("latents").float()
+            captions = json.loads(meta["prompts"])
+        except (OSError, ValueError, SafetensorError) as e:
+            fail(f"{name} is not a readable latent shard ({e})", where, "replace or remove the file")
+        if not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+            fail(f"{name}: the `prompts` metadata is not a JSON list of strings", where, "give one caption per latent")
+        if x.ndim != 4 or len(x) != len(captions) or (latents and x.shape[1:] != latents[0].shape[1:]):
+            fail(f"{name}: {len(captions)} prompts for latents of shape {tuple(x.shape)}{f', the other shards hold {tuple(latents[0].shape[1:])}' if latents else ''}", where, "give (N, C, h, w) latents of one shape and N prompts per shard")  # fmt: skip
+        if not torch.isfinite(x).all():
+            fail(f"{name} holds non-finite latents", where, "re-encode the images, or remove the shard")
+        latents.append(x)
+        prompts += captions
+    return torch.cat(latents), prompts
 
 
 def encode_images(args, folder, cache, vae, master):
     """Encode a folder of images once (centre crop, resize to --resolution, the VAE's posterior mean) into latent
-    shards in `cache`; captions from NAME.txt beside each image (empty if absent)."""
+    shards in `cache`; captions from NAME.txt beside each image (empty if absent). The cache holds what it was made
+    from (folder, image names, resolution, autoencoder): other data or settings encode anew."""
     names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-    if master and not os.path.exists(os.path.join(cache, "done")):
-        os.makedirs(cache, exist_ok=True)
+    made_from = json.dumps({"data": os.path.abspath(folder), "images": hashlib.sha256("\n".join(names).encode()).hexdigest(), "resolution": args.resolution, "model": args.model, "vae": args.vae, "tiny": args.tiny, "seed": args.seed if args.tiny else None})  # fmt: skip
+    done = os.path.join(cache, "done")
+    cached = ""
+    if os.path.exists(done):
+        with open(done) as f:
+            cached = f.read()
+    if master and cached != made_from:
+        shutil.rmtree(cache, ignore_errors=True)
+        os.makedirs(cache)
         for start in tqdm(range(0, len(names), 1000), desc="encoding images", unit="shard"):
             images, prompts = [], []
             for name in names[start : start + 1000]:
-                img = Image.open(os.path.join(folder, name)).convert("RGB")
+                try:
+                    img = Image.open(os.path.join(folder, name)).convert("RGB")
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    fail(f"{name} is not a readable image ({e})", f"--data {folder}", "replace or remove the file")
                 side = min(img.size)
                 left, top = (img.width - side) // 2, (img.height - side) // 2
                 img = img.crop((left, top, left + side, top + side)).resize((args.resolution,) * 2, Image.BICUBIC)
-                images.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 127.5 - 1)
+                images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1)
                 caption = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
-                prompts.append(open(caption).read().strip() if os.path.exists(caption) else "")
+                try:
+                    prompts.append(open(caption, encoding="utf-8-sig").read().strip() if os.path.exists(caption) else "")  # fmt: skip
+                except (OSError, UnicodeDecodeError) as e:
+                    fail(f"the caption {os.path.basename(caption)} is not readable text ({e})", f"--data {folder}", "write the caption as UTF-8 text, or remove the file")  # fmt: skip
             with torch.no_grad():
                 device = next(vae.parameters()).device
                 latents = torch.cat(
@@ -644,27 +761,34 @@ def encode_images(args, folder, cache, vae, master):
             path = os.path.join(cache, f"shard_{start // 1000:05d}.safetensors")
             save_file({"latents": latents.contiguous()}, path + ".tmp", metadata={"prompts": json.dumps(prompts)})
             os.replace(path + ".tmp", path)
-        open(os.path.join(cache, "done"), "w").close()
+        write_atomic(done, made_from.encode())
     if dist.is_initialized():
         dist.barrier()
-    return read_latent_shards(cache)
+    return read_latent_shards(cache, f"the cache of --data {folder} in {cache}")
 
 
 def read_pairs(folder, student_steps):
     """Teacher pairs written by --make_pairs: (B, P + 1, C, h, w) with the P stored states and the output, and prompts."""
     index_file = os.path.join(folder, "pairs.json")
     if not folder or not os.path.exists(index_file):
-        raise SystemExit(f"error: {index_file or '--pairs'} not found; write teacher pairs with --make_pairs N --pairs DIR first")  # fmt: skip
-    with open(index_file) as f:
-        meta = json.load(f)
-    shards = [load_file(os.path.join(folder, name)) for name in meta["shards"]]
+        fail(f"{index_file if folder else 'no pairs folder'}: no teacher pairs", "--pairs", "write them first with --make_pairs N --pairs DIR --prompts FILE")  # fmt: skip
+    try:
+        with open(index_file) as f:
+            meta = json.load(f)
+        shards = [load_file(os.path.join(folder, name)) for name in meta["shards"]]
+        if shards:
+            states = torch.cat([s["states"] for s in shards])
+            pairs = torch.cat([states, torch.cat([s["x0"] for s in shards]).unsqueeze(1)], dim=1)
+            names = [p for name in meta["shards"] for p in meta["prompts"][name]]
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        fail(f"{folder} holds unreadable teacher pairs ({type(e).__name__}: {e})", f"--pairs {folder}", "write them anew with --make_pairs N into an empty --pairs DIR")  # fmt: skip
     if not shards:
-        raise SystemExit(f"error: {folder} holds no pairs; rerun the --make_pairs command to finish it")
-    states = torch.cat([s["states"] for s in shards])
-    pairs = torch.cat([states, torch.cat([s["x0"] for s in shards]).unsqueeze(1)], dim=1)
+        fail(f"{folder} holds no pairs yet", f"--pairs {folder}", "rerun the --make_pairs command to finish it")
+    if len(names) != len(pairs) or not all(isinstance(p, str) for p in names):
+        fail(f"{folder} lists {len(names)} prompts for {len(pairs)} pairs", f"--pairs {folder}", "write them anew with --make_pairs N into an empty --pairs DIR")  # fmt: skip
     if states.shape[1] % student_steps:
-        raise SystemExit(f"error: pairs hold {states.shape[1]} trajectory states; a {student_steps}-step student needs a divisor of it")  # fmt: skip
-    return pairs, [p for name in meta["shards"] for p in meta["prompts"][name]]
+        fail(f"the pairs hold {states.shape[1]} trajectory states, which a {student_steps}-step student cannot divide", "--student_steps", f"give a divisor of {states.shape[1]}, or make pairs with another --pair_states")  # fmt: skip
+    return pairs, names
 
 
 @torch.no_grad()
@@ -690,23 +814,34 @@ def teacher_sample(module, teacher, noise, cond, uncond, args, steps, keep_state
     return x, states
 
 
-def make_pairs(args, module, teacher, embed, prompts, latent_shape, device, rank, world, n, shard_size=64):
-    """Write n teacher pairs to --pairs as shards of shard_size (states at t_list(P), outputs, prompts). Shard k uses
+def make_pairs(args, folder, own, module, teacher, embed, prompts, latent_shape, device, rank, world, n, shard_size=64):
+    """Write n teacher pairs to `folder` as shards of shard_size (states at t_list(P), outputs, prompts). Shard k uses
     noise seeded by k and the prompts k * shard_size + i (cycling through `prompts`), so an interrupted run resumes
-    where it stopped and any number of processes produce the same pairs."""
-    os.makedirs(args.pairs, exist_ok=True)
+    where it stopped and any number of processes produce the same pairs. The folder's pairs.json records the settings
+    from the start: pairs made with others are refused, or made anew where the folder is the run's `own`."""
     settings = {"model": args.model, "teacher": args.teacher, "guidance": args.guidance, "steps": args.teacher_steps, "states": args.pair_states, "shape": list(latent_shape), "seed": args.seed}  # fmt: skip
-    index_file = os.path.join(args.pairs, "pairs.json")
-    if os.path.exists(index_file):
-        with open(index_file) as f:
-            if (old := json.load(f)["settings"]) != settings:
-                raise SystemExit(f"error: {args.pairs} holds pairs made with other settings ({old}); choose another --pairs DIR")  # fmt: skip
+    index_file = os.path.join(folder, "pairs.json")
+    if rank == 0 and os.path.exists(index_file):
+        try:
+            with open(index_file) as f:
+                old = json.load(f)["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            old = f"an unreadable pairs.json ({e})"
+        if old != settings and own:  # the run's own pairs (--tiny): made again with this run's settings
+            shutil.rmtree(folder)
+        elif old != settings:
+            fail(f"{folder} holds pairs made with other settings ({old})", f"--pairs {folder}", "choose another --pairs DIR, or the settings the pairs were made with")  # fmt: skip
+    if rank == 0 and not os.path.exists(index_file):
+        os.makedirs(folder, exist_ok=True)
+        write_atomic(index_file, json.dumps({"settings": settings, "shards": [], "prompts": {}}).encode())
+    if dist.is_initialized():
+        dist.barrier()
     shards = [f"shard_{k:05d}.safetensors" for k in range(math.ceil(n / shard_size))]
     shard_prompts = {name: [prompts[i % len(prompts)] for i in range(k * shard_size, min(n, (k + 1) * shard_size))] for k, name in enumerate(shards)}  # fmt: skip
     # Every process works on every shard, on its share of the rows (padded to equal shares): under FSDP each teacher
     # forward is a collective, so all processes must run the same number of them.
     for k in tqdm(range(len(shards)), disable=rank != 0, desc="teacher pairs", unit="shard"):
-        path = os.path.join(args.pairs, shards[k])
+        path = os.path.join(folder, shards[k])
         done = torch.tensor(float(rank == 0 and os.path.exists(path)), device=device)
         if all_reduce_sum(done) > 0:
             continue
@@ -730,9 +865,8 @@ def make_pairs(args, module, teacher, embed, prompts, latent_shape, device, rank
             save_file({"x0": x0.cpu().contiguous(), "states": states.cpu().contiguous()}, path + ".tmp")
             os.replace(path + ".tmp", path)
     if rank == 0:
-        with open(index_file + ".tmp", "w") as f:
-            json.dump({"settings": settings, "shards": shards, "prompts": shard_prompts}, f)
-        os.replace(index_file + ".tmp", index_file)
+        index = {"settings": settings, "shards": shards, "prompts": shard_prompts}
+        write_atomic(index_file, json.dumps(index).encode())
     if dist.is_initialized():
         dist.barrier()
 
@@ -743,11 +877,14 @@ class Embeddings:
     def __init__(self, args, cfg, prompts, cache_dir, master):
         self.args, self.cfg, self.prompts = args, cfg, list(dict.fromkeys(prompts + [""]))  # "" = the unconditional
         self.index = {p: i for i, p in enumerate(self.prompts)}
-        if master:
-            cached_embeddings(text_encoder(args, cfg), self.prompts, cache_dir)
-        if dist.is_initialized():
-            dist.barrier()
-        self.table = cached_embeddings(text_encoder(args, cfg), self.prompts, cache_dir)  # read back from the cache
+        try:
+            if master:
+                cached_embeddings(text_encoder(args, cfg), self.prompts, cache_dir)
+            if dist.is_initialized():
+                dist.barrier()
+            self.table = cached_embeddings(text_encoder(args, cfg), self.prompts, cache_dir)  # read back from the cache
+        except (*BAD_FILE, ImportError) as e:
+            fail(f"cannot load the {args.model} text encoders or their cache in {cache_dir}: {str(e)[:300]}", "--text_encoder", "download the family's pipeline (download.py) or give its local folder; remove a damaged cache")  # fmt: skip
         if args.tiny:  # the built-in prompts are short: keep their first tokens, not 512 (T5) or 77 (CLIP) of padding
             self.table = {k: v[:, :TINY_TOKENS] if k.startswith("text") else v for k, v in self.table.items()}
 
@@ -866,33 +1003,228 @@ def moment_distance(a, b):
     return ((a.mean(0) - b.mean(0)).square().mean() + (a.std(0) - b.std(0)).square().mean()).item()
 
 
-def save_checkpoint(args, step, weights, state, config_json):
-    """ckpt_NNNNNNN/ written as a temporary directory and renamed, so a crash never leaves a half checkpoint.
-    `weights`: name -> full state dict, each saved as NAME.safetensors (the denoiser config in the metadata);
-    `state`: optimizer and other training state for state.pt."""
-    final = os.path.join(args.out_dir, f"ckpt_{step:07d}")
+# ----------------------------------------------------------------------------
+# Runs that can be trusted for a week: bad input ends with one line and exit code 2 before anything loads; a run
+# directory holds one run; a step with a non-finite loss or gradient is skipped on every process, and a checkpoint
+# is written only when every weight is finite, fsynced, then renamed into place. The functions of this section are
+# the same, word for word, in every training script (tests/test_hygiene.py keeps them so); what differs per script
+# is its FLAG_RANGES and RUN_IDENTITY.
+
+
+def fail(what, where, fix, code=2):
+    """Stop with `error: <what> (<where>): <fix>` on stderr: exit code 2 for bad input, 1 for a run that cannot go
+    on. No traceback: the line says everything the user needs."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        what = " ".join(str(what).split())  # one line, whatever the message it quotes
+        tqdm.write(f"error: {what} ({where}): {fix}", file=sys.stderr)  # on its own line, below a progress bar
+    raise SystemExit(code)
+
+
+def check_flag_ranges(args, ranges):
+    """Every numeric flag against its range, before anything loads; `ranges`: kind -> flag names."""
+    tests = {
+        "positive": (lambda v: v > 0, "a number > 0"),
+        "non_negative": (lambda v: v >= 0, "a number >= 0"),
+        "unit": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "learning_rate": (lambda v: 0 < v <= 1, "a learning rate in (0, 1]: Adam's lr is a step in weight units"),
+        "finite": (lambda v: True, "a finite number"),
+    }
+    for kind, names in ranges.items():
+        accept, wanted = tests[kind]
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and accept(value)):
+                fail(f"--{name} {value} is out of range", f"--{name}", f"give {wanted}")
+
+
+def split_batch(batch_size, micro_batch, world):
+    """(per-process micro-batch, accumulation rounds) that make up exactly `batch_size` over `world` processes."""
+    if batch_size % world:
+        fail(f"the global batch {batch_size} does not split over {world} processes", "--batch_size", f"give a multiple of {world}")  # fmt: skip
+    micro = micro_batch or batch_size // world
+    if (batch_size // world) % micro:
+        fail(f"{batch_size // world} samples per process are not a whole number of micro-batches of {micro}", "--micro_batch", f"give a divisor of {batch_size // world}")  # fmt: skip
+    return micro, batch_size // (world * micro)
+
+
+def checkpoints(out_dir):
+    """The finished checkpoints ckpt_NNNNNNN of a run directory, oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}", d))
+
+
+def prepare_run_dir(args, identity, master):
+    """Check --out_dir before anything loads and claim it for this run. Returns the checkpoint to resume or None.
+    A directory that holds another run's files is refused unless --resume (continue it: the saved args.json must
+    name the same `identity` flags) or --overwrite (its checkpoints, metrics and samples are removed)."""
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"{out} is a file", "--out_dir", "name a directory for the run")
+    run_files = ["args.json", "metrics.jsonl", "samples", "quality.md", "quality.png", "metrics.png"]
+    held = [p for p in (os.path.join(out, n) for n in run_files) if os.path.exists(p)] + checkpoints(out)
+    ckpt = None
+    if args.resume:
+        for ckpt in reversed(checkpoints(out)):  # the newest complete one (a checkpoint always holds these two)
+            if all(os.path.isfile(os.path.join(ckpt, n)) for n in ("args.json", "state.pt")):
+                break
+        else:
+            fail(f"no checkpoint ckpt_NNNNNNN to resume in {out}", "--resume", "name the run's --out_dir, or drop --resume to start a new run")  # fmt: skip
+        with open(os.path.join(ckpt, "args.json")) as f:
+            saved = json.load(f)
+        mine = vars(args) | {"script": os.path.basename(__file__)}
+        mismatch = [k for k in identity if saved.get(k) != mine.get(k)]
+        if mismatch:
+            detail = ", ".join(f"--{k} {saved.get(k)!r} there, {mine.get(k)!r} here" for k in mismatch)
+            fail(f"{ckpt} is another run ({detail})", "--resume", "resume with the run's own flags, or choose another --out_dir")  # fmt: skip
+        changed = {k: (saved[k], v) for k, v in vars(args).items() if k in saved and saved[k] != v and k != "resume"}
+        if master and changed:
+            print("resuming with changed flags: " + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))  # fmt: skip
+    elif held and not args.overwrite:
+        fail(f"{out} holds another run ({os.path.basename(held[0])})", "--out_dir", "continue it with --resume, replace it with --overwrite, or choose another --out_dir")  # fmt: skip
+    if dist.is_initialized():  # every process has looked before the first one writes
+        dist.barrier()
+    if not master:
+        return ckpt
+    if held and not args.resume:
+        for path in held:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"--overwrite: removed the earlier run in {out}")
+    for stale in (d for d in os.listdir(out) if d.endswith(".tmp")) if os.path.isdir(out) else []:
+        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
+        print(f"removed {stale}, a checkpoint left unfinished by a crash")
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    if not args.resume:  # the run's flags as started; each checkpoint holds the flags it was written with
+        write_atomic(os.path.join(out, "args.json"), json.dumps(vars(args) | {"script": os.path.basename(__file__)}, indent=1).encode())  # fmt: skip
+    return ckpt
+
+
+def write_atomic(path, data):
+    """Bytes to a file that either holds all of them or keeps its old content (temp file, fsync, rename)."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def open_metrics(out_dir, start):
+    """metrics.jsonl for appending, one flushed line per record. On resume the lines past the resumed step (written
+    after the checkpoint, before the crash) are dropped, so the log reads as one run."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start]
+        write_atomic(path, "".join(lines).encode())
+    return open(path, "a", buffering=1)  # line-buffered: every record reaches the file as it is written
+
+
+def all_finite(*values):
+    """Whether every tensor is finite on every process: all processes take the same decision."""
+    flag = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def nonfinite_tensors(state_dicts):
+    """Names of the floating tensors holding a NaN or an infinity: `state_dicts` is name -> state dict."""
+    return [f"{name}.{k}" for name, sd in state_dicts.items() for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]  # fmt: skip
+
+
+def save_checkpoint(out_dir, step, tensors, metadata, state, args_json):
+    """ckpt_NNNNNNN/: NAME.safetensors per entry of `tensors` (name -> state dict, with `metadata[name]`), state.pt,
+    args.json. Refused when a weight is not finite; written to ckpt_NNNNNNN.tmp, fsynced, then renamed, so a crash
+    or a full disk never leaves a half checkpoint nor touches an earlier one."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        fail(f"step {step}: {len(bad)} weight tensors are not finite ({', '.join(bad[:3])}, ...)", out_dir, "the run diverged; nothing was saved: lower --lr and --resume from the last checkpoint", code=1)  # fmt: skip
+    final = os.path.join(out_dir, f"ckpt_{step:07d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, sd in weights.items():
-        meta = {"step": str(step)} | ({"config": config_json} if name != "discriminator" else {})
-        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, f"{name}.safetensors"), metadata=meta)
-    torch.save(state | {"step": step}, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args) | {"step": step}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-def latest_checkpoint(out_dir):
-    ckpts = sorted(d for d in os.listdir(out_dir) if d.startswith("ckpt_") and not d.endswith(".tmp")) if os.path.isdir(out_dir) else []  # fmt: skip
-    return os.path.join(out_dir, ckpts[-1]) if ckpts else None
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name, sd in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, os.path.join(tmp, f"{name}.safetensors"), metadata=metadata[name])  # fmt: skip
+        torch.save(state | {"step": step}, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            f.write(args_json)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(final):  # the same step saved again in this run (a resumed run ending where it started)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        dir_fd = os.open(out_dir, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"could not write checkpoint step {step}: {e.strerror or e}", final, "free disk space or fix permissions, then --resume from the last checkpoint", code=1)  # fmt: skip
+    return final
 
 
 # ----------------------------------------------------------------------------
 
 
+def load_teacher(args, module, Net, pretrained, load_weights):
+    """(Config, full state dict) of the pretrained denoiser: a .safetensors this script saved (its Config in the
+    metadata), the tiny random network, or the family's release, a CONFIGS name, Hub repo or folder. The weights only
+    where `load_weights` ({} elsewhere: under FSDP they arrive by broadcast from the first process)."""
+    if args.teacher.endswith(".safetensors"):  # a network this script saved (its config in the metadata)
+        fix = "give a student.safetensors that this script saved, or a CONFIGS name, Hub repo or folder"
+        if not os.path.isfile(args.teacher):
+            fail(f"{args.teacher} does not exist", "--teacher", fix)
+        try:
+            with safe_open(args.teacher, framework="pt") as f:
+                fields = json.loads((f.metadata() or {}).get("config", "null"))
+            if fields is None:
+                fail(f"{args.teacher} has no config metadata (not a network this script saved)", "--teacher", fix)
+            cfg = module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+            weights = load_file(args.teacher) if load_weights else {}
+            if weights:
+                with torch.device("meta"):
+                    module.check_keys(Net(cfg), weights)
+        except (*BAD_FILE, AttributeError) as e:
+            fail(f"{args.teacher} is not a {args.model} network: {str(e)[:300]}", "--teacher", fix)
+        if bad := nonfinite_tensors({"teacher": weights}):
+            fail(f"{args.teacher} holds non-finite weights ({', '.join(bad[:3])})", "--teacher", "give a checkpoint of a run that had not diverged")  # fmt: skip
+        return cfg, weights
+    if args.tiny:  # a random tiny network stands in
+        torch.manual_seed(rng_seed(args.seed, 4))
+        return module.CONFIGS["tiny"], Net(module.CONFIGS["tiny"]).state_dict()
+    if not load_weights:  # the other processes under FSDP: the architecture comes by broadcast
+        return None, {}
+    try:
+        loaded = module.from_pretrained(args.teacher or pretrained)
+    except BAD_FILE as e:
+        fail(f"cannot load {args.teacher or pretrained}: {str(e)[:300]}", "--teacher", "download it with download.py, or give a local folder or a .safetensors path")  # fmt: skip
+    return loaded.cfg, loaded.state_dict()
+
+
+def release_run_dir(out_dir):
+    """Give back a run directory claimed by a run that stopped on bad input before it trained: its args.json, an
+    empty samples/ and the directory itself if nothing else is left (caches stay: they record what they hold)."""
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(out_dir, "args.json"))
+        os.rmdir(os.path.join(out_dir, "samples"))
+        os.rmdir(out_dir)
+
+
 def main(args):
+    """Train as `args` say and return the student (None with --make_pairs, which writes teacher pairs and stops). Bad
+    input found once the run directory is claimed (a file that does not load) hands a new run's directory back, so the
+    same command runs once the input is fixed."""
+    progress = {"new_run_dir": False}
+    try:
+        return train(args, progress)
+    except SystemExit as e:
+        if e.code == 2 and progress["new_run_dir"] and int(os.environ.get("RANK", "0")) == 0:
+            release_run_dir(args.out_dir)
+        raise
+
+
+def train(args, progress):
     # Distributed setup: torchrun sets these; a plain `python` run is one process.
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed:
@@ -904,53 +1236,54 @@ def main(args):
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     master = rank == 0
-    if master:
-        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-        print(json.dumps(vars(args)))
-    if args.make_pairs and not args.pairs:
-        raise SystemExit("error: --make_pairs N writes to --pairs DIR; give the directory")
-    file_prompts = TINY_PROMPTS if args.tiny and not args.prompts and not args.data else []
-    if args.prompts:
-        with open(args.prompts) as f:
-            file_prompts = [line.strip() for line in f if line.strip()]
-    if args.make_pairs and not file_prompts:
-        raise SystemExit("error: --make_pairs needs prompts: give --prompts FILE (one prompt per line)")
     if args.fsdp and not distributed:
-        args.fsdp = False  # one process: nothing to shard
-    module, Net, pretrained, _, _, default_resolution = FAMILIES[args.model]
+        args.fsdp = False  # one process: nothing to shard (args.json records it so)
+    module, Net, pretrained, _, _, _ = FAMILIES[args.model]
     distribution_matching = args.method in ("dmd2", "fdistill")
+
+    # What the flags point at, checked before anything loads or is written: prompts, data, pairs.
+    if args.make_pairs and not args.pairs:
+        fail("--make_pairs N writes teacher pairs to a folder", "--pairs", "give --pairs DIR")
+    file_prompts = read_prompts(args.prompts) if args.prompts else TINY_PROMPTS if args.tiny and not args.data else []
+    if args.make_pairs and not file_prompts:
+        fail("--make_pairs needs prompts", "--prompts", "give a text file with one prompt per line")
     if args.method == "fdistill" and args.gan_weight <= 0:
-        raise SystemExit("error: --method fdistill reads the density ratio off the GAN heads; give --gan_weight > 0")
+        fail("--method fdistill reads the density ratio off the GAN heads", "--gan_weight", "give --gan_weight > 0")
+    kind = data_kind(args.data) if args.data else None
+    needs_real = args.method in ("sft", "ladd") or (distribution_matching and (args.gan_weight > 0 or args.student_steps > 1))  # fmt: skip
+    # --tiny without data or pairs: the tiny teacher's pairs, made on the fly in the run directory, stand in.
+    auto_pairs = args.tiny and not args.pairs and (args.method == "kd" or (needs_real and not args.data))
+    pairs_dir = os.path.join(args.out_dir, "pairs") if auto_pairs else args.pairs
+    if needs_real and not args.data and not auto_pairs and not args.make_pairs:
+        fail(f"--method {args.method} needs real latents", "--data", DATA_FIX)
+    if args.method == "kd" and not auto_pairs and not args.make_pairs and not (args.pairs and os.path.isfile(os.path.join(args.pairs, "pairs.json"))):  # fmt: skip
+        fail(f"{args.pairs or 'no folder'} holds no teacher pairs (pairs.json)", "--pairs", "write them first with --make_pairs N --pairs DIR --prompts FILE")  # fmt: skip
+    if auto_pairs and args.teacher_steps % args.pair_states:
+        fail(f"{args.teacher_steps} teacher steps do not split into {args.pair_states} equal segments", "--teacher_steps", f"give a multiple of --pair_states {args.pair_states}")  # fmt: skip
+    if auto_pairs and args.method == "kd" and args.pair_states % args.student_steps:
+        fail(f"{args.pair_states} trajectory states cannot start a {args.student_steps}-step student", "--student_steps", f"give a divisor of --pair_states {args.pair_states}")  # fmt: skip
+
+    # The run directory: this run's alone (--make_pairs writes to --pairs and keeps its text cache in --out_dir).
+    if args.make_pairs:
+        ckpt = None
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            fail(f"{args.out_dir} is a file", "--out_dir", "name a directory for the text cache")
+    else:
+        ckpt = prepare_run_dir(args, RUN_IDENTITY, master)  # before anything loads: the run directory is this run's
+        progress["new_run_dir"] = not args.resume
+    if master:
+        print(json.dumps(vars(args)))
 
     # The pretrained denoiser, loaded once (on rank 0 only under FSDP): teacher, student and fake score all start
     # from it. --tiny: a random tiny network stands in.
-    if args.teacher.endswith(".safetensors"):  # a network this script saved (its config in the metadata)
-        from safetensors import safe_open
-
-        with safe_open(args.teacher, framework="pt") as f:
-            fields = json.loads((f.metadata() or {}).get("config", "null"))
-        if fields is None:
-            raise SystemExit(f"error: {args.teacher} has no config metadata; give a CONFIGS name, Hub repo or folder")
-        cfg = module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-        weights = load_file(args.teacher) if master or not args.fsdp else {}
-    elif args.tiny:
-        cfg = module.CONFIGS["tiny"]
-        torch.manual_seed(rng_seed(args.seed, 4))
-        weights = Net(cfg).state_dict()
-    else:
-        if master or not args.fsdp:
-            loaded = module.from_pretrained(args.teacher or pretrained)
-            cfg, weights = loaded.cfg, loaded.state_dict()
-            del loaded
-        else:  # the other ranks only need the architecture; the weights arrive by broadcast
-            cfg, weights = None, {}
-        if args.fsdp:
-            box = [cfg]
-            dist.broadcast_object_list(box, src=0)
-            cfg = box[0]
+    cfg, weights = load_teacher(args, module, Net, pretrained, master or not args.fsdp)
+    if args.fsdp:
+        box = [cfg]
+        dist.broadcast_object_list(box, src=0)
+        cfg = box[0]
     latent_channels = cfg.in_channels // 4 if args.model == "flux" else cfg.in_channels
     vae_factor = 2 if args.tiny else 8  # the tiny VAE has two levels, the released ones four
-    side = (args.resolution or default_resolution) // vae_factor
+    side = args.resolution // vae_factor
     latent_shape = (latent_channels, side, side)
 
     fsdp_policy = None
@@ -965,36 +1298,30 @@ def main(args):
     latents = real_prompts = pair_prompts = None
     vae = None
     if args.data:
-        if any(f.endswith(".safetensors") for f in os.listdir(args.data)):
+        if kind == "shards":
             latents, real_prompts = read_latent_shards(args.data)
         else:
             vae = make_vae(args, latent_channels).to(device)
             latents, real_prompts = encode_images(args, args.data, os.path.join(args.out_dir, "latents"), vae, master)
         if tuple(latents.shape[1:]) != latent_shape:
-            raise SystemExit(f"error: --data latents are {tuple(latents.shape[1:])}, the {args.model} student at --resolution {side * vae_factor} needs {latent_shape}")  # fmt: skip
-    needs_real = args.method in ("sft", "ladd") or (distribution_matching and (args.gan_weight > 0 or args.student_steps > 1))  # fmt: skip
-    auto_pairs = args.tiny and not args.pairs and (args.method == "kd" or (needs_real and latents is None))
-    if auto_pairs:
-        args.pairs = os.path.join(args.out_dir, "pairs")
+            fail(f"the latents are {tuple(latents.shape[1:])}; the {args.model} student at --resolution {args.resolution} needs {latent_shape}", f"--data {args.data}", "give latents of the family's autoencoder at --resolution, or the --resolution they were made at")  # fmt: skip
     pair_prompt_list = TINY_PROMPTS if auto_pairs else file_prompts
     pairs = names = None
     if args.method == "kd" and not auto_pairs and not args.make_pairs:  # existing pairs bring their own prompts
-        pairs, names = read_pairs(args.pairs, args.student_steps)
+        pairs, names = read_pairs(pairs_dir, args.student_steps)
     embed = Embeddings(args, cfg, file_prompts + (real_prompts or []) + pair_prompt_list + (names or []), os.path.join(args.out_dir, "cache", "text"), master)  # fmt: skip
     if args.make_pairs or auto_pairs:  # pairs (and LADD-style synthetic real data) from the teacher's sampler
-        make_pairs(args, module, teacher, embed, pair_prompt_list, latent_shape, device, rank, world, args.make_pairs or 32)  # fmt: skip
+        make_pairs(args, pairs_dir, auto_pairs, module, teacher, embed, pair_prompt_list, latent_shape, device, rank, world, args.make_pairs or 32)  # fmt: skip
         if args.make_pairs:
             if distributed:
                 dist.destroy_process_group()
             return None
     if args.method == "kd" or (auto_pairs and latents is None):
         if pairs is None:
-            pairs, names = read_pairs(args.pairs, args.student_steps)
+            pairs, names = read_pairs(pairs_dir, args.student_steps)
         pair_prompts = embed.ids(names)
         if args.method != "kd":  # the teacher's outputs serve as the real data
             latents, real_prompts = pairs[:, -1], names
-    if needs_real and latents is None:
-        raise SystemExit(f"error: --method {args.method} needs real latents: give --data DIR (images or latent shards)")
     real_ids = embed.ids(real_prompts) if latents is not None else None
     prompt_ids = embed.ids(file_prompts or real_prompts or [""])
     batch_fn = make_data(args, prompt_ids, latents, real_ids, pairs, pair_prompts)
@@ -1010,7 +1337,7 @@ def main(args):
         default = n_blocks // 2 if args.model == "flux" else n_blocks - 1  # Flux: the middle block; SD: the mid block
         indices = [int(i) for i in args.disc_features.split(",")] if args.disc_features else [default]
         if not all(0 <= i < n_blocks for i in indices):
-            raise SystemExit(f"error: --disc_features {indices} outside the teacher's {n_blocks} blocks")
+            fail(f"--disc_features {args.disc_features} names blocks outside the teacher's {n_blocks}", "--disc_features", f"give block numbers from 0 to {n_blocks - 1}")  # fmt: skip
         with torch.no_grad():
             probe = torch.zeros(1, *latent_shape, device=device)
             maps = features(teacher, probe, torch.full((1,), args.t_max, device=device), embed(embed.ids([""]), device), indices)  # fmt: skip
@@ -1039,35 +1366,36 @@ def main(args):
     optimizers = {"optimizer": (student, adamw(student, args.lr))}
     optimizers |= {f"{name}_optimizer": (m, adamw(m, critic_lr)) for name, m in (("fake_score", fake), ("discriminator", disc)) if m is not None}  # fmt: skip
     amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
-    micro = args.micro_batch or max(1, args.batch_size // world)
-    accum = max(1, args.batch_size // (micro * world))
+    micro, accum = split_batch(args.batch_size, args.micro_batch, world)
 
     # What a checkpoint holds: every trained network and the state to continue exactly (the teacher is never saved).
     trained = {"student": student} | {name: m for name, m in (("fake_score", fake), ("discriminator", disc)) if m is not None}  # fmt: skip
     names = [name for name, _ in student.named_parameters()]
     start = 0
-    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     full = StateDictOptions(full_state_dict=True, broadcast_from_rank0=args.fsdp)
     if ckpt:
-        for name, m in trained.items():
-            sd = load_file(os.path.join(ckpt, f"{name}.safetensors")) if master or not args.fsdp else {}
-            if args.fsdp:
-                set_model_state_dict(m, sd, options=full)
-            else:
-                m.load_state_dict(sd)
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu")
-        for name, (m, opt) in optimizers.items():
-            set_optimizer_state_dict(m, opt, state[name], options=StateDictOptions(full_state_dict=True))
-        for spec, params in emas.items():
-            sd = load_file(os.path.join(ckpt, f"ema_{spec}.safetensors"))
-            for p, key in zip(params, names):
-                value = sd[key].to(device)
-                if hasattr(p, "device_mesh"):  # an FSDP2 shard: keep this process's part
-                    from torch.distributed.tensor import distribute_tensor
+        try:
+            for name, m in trained.items():
+                sd = load_file(os.path.join(ckpt, f"{name}.safetensors")) if master or not args.fsdp else {}
+                if args.fsdp:
+                    set_model_state_dict(m, sd, options=full)
+                else:
+                    m.load_state_dict(sd)
+            state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu")
+            for name, (m, opt) in optimizers.items():
+                set_optimizer_state_dict(m, opt, state[name], options=StateDictOptions(full_state_dict=True))
+            for spec, params in emas.items():
+                sd = load_file(os.path.join(ckpt, f"ema_{spec}.safetensors"))
+                for p, key in zip(params, names):
+                    value = sd[key].to(device)
+                    if hasattr(p, "device_mesh"):  # an FSDP2 shard: keep this process's part
+                        from torch.distributed.tensor import distribute_tensor
 
-                    value = distribute_tensor(value, p.device_mesh, p.placements)
-                p.copy_(value)
-        bins.copy_(state["ratio_bins"])
+                        value = distribute_tensor(value, p.device_mesh, p.placements)
+                    p.copy_(value)
+            bins.copy_(state["ratio_bins"])
+        except (*BAD_FILE, pickle.UnpicklingError) as e:
+            fail(f"{ckpt} does not fit this run's networks: {str(e)[:300]}", "--resume", "resume with the flags the run was started with")  # fmt: skip
         start = state["step"]
         if master:
             print(f"resumed from {ckpt} at step {start}")
@@ -1083,7 +1411,8 @@ def main(args):
         reference = teacher_sample(module, teacher, eval_noise, eval_cond, eval_uncond, args, args.teacher_steps)[0].float()  # fmt: skip
         vae = vae or make_vae(args, latent_channels)
         vae = vae.to(device)
-    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    log = open_metrics(args.out_dir, start) if master else None
+    progress["new_run_dir"] = False  # from here on the directory holds what this run wrote
     wandb = None
     if args.wandb and master:
         import wandb
@@ -1103,11 +1432,11 @@ def main(args):
             Image.fromarray(image_grid(to_uint8(images))).save(os.path.join(args.out_dir, "samples", f"step_{step:07d}.png"))  # fmt: skip
             record = {"step": step, "eval_mse_to_teacher": (x - reference).square().mean().item(), "eval_moments_to_teacher": moment_distance(x, reference)}  # fmt: skip
             log.write(json.dumps(record) + "\n")
-            log.flush()
 
     if args.eval_every and start == 0:  # the first evaluation: the student as initialised
         eval_and_log(0)
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, unit="step")
+    skipped = bad_steps = 0  # updates skipped for a non-finite loss or gradient: in all, and in a row
     for step in bar:
         # dmd2/fdistill/ladd alternate: a generator step every student_update_freq steps (counting from 1), critic
         # steps (fake score and GAN heads) in between. sft and kd update the student at every step.
@@ -1117,6 +1446,7 @@ def main(args):
                 critic.train(not generator_step).requires_grad_(not generator_step)
         active = ["optimizer"] if generator_step else [n for n in optimizers if n != "optimizer"]
         tic, total = time.time(), torch.zeros((), device=device)
+        bins_before = bins.clone()  # f-distill's running ratio means, restored if this step is skipped
         for m in range(accum):
             shard = rank * accum + m  # this micro-batch's place in the global batch
             x0, ids = batch_fn(step, shard, micro)
@@ -1145,18 +1475,35 @@ def main(args):
                         loss, logs = critic_loss(student, teacher, fake_net, disc_net, x0, shape, cond, args, module)
                 (loss / accum).backward()
             total += loss.detach().float() / accum
+        # The student's gradient is clipped; the critic's is not (FastGen clips the student only). The norms are the
+        # true ones: a NaN or infinity anywhere in a gradient makes its norm non-finite. grad_norm is that of all the
+        # networks this step updates (under FSDP2 each norm is a DTensor: its full value).
+        norms = []
         for name in active:
-            m, opt = optimizers[name]
-            for p in m.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num_(local(p.grad), nan=0.0, posinf=0.0, neginf=0.0)
-            # The student's gradient is clipped; the critic's is not (FastGen clips the student only).
+            m, _ = optimizers[name]
             norm = torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip if name == "optimizer" else math.inf)
-            grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        with torch.no_grad():  # every step, critic steps included, as FastGen's EMA callback does
-            for spec, params in emas.items():
+            norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
+        grad_norm = torch.stack(norms).square().sum().sqrt()
+        # A non-finite loss or gradient on any process: every process skips this update and the EMAs'.
+        loss_finite, grad_finite = all_finite(total), all_finite(grad_norm)
+        step_taken = loss_finite and grad_finite
+        for name in active:
+            if step_taken:
+                optimizers[name][1].step()
+            optimizers[name][1].zero_grad(set_to_none=True)
+        if step_taken:
+            bad_steps = 0
+        else:
+            bins.copy_(bins_before)
+            skipped, bad_steps = skipped + 1, bad_steps + 1
+            if master:
+                bar.write(f"step {step + 1}: non-finite {'loss' if not loss_finite else 'gradient'}, update skipped ({bad_steps} in a row)")  # fmt: skip
+            if bad_steps >= args.max_skipped_steps:
+                bar.close()
+                last = checkpoints(args.out_dir)
+                fail(f"{bad_steps} consecutive steps had a non-finite loss or gradient (up to step {step + 1})", "--max_skipped_steps", f"the run diverged: lower --lr and --resume from {last[-1] if last else 'a new run'}", code=1)  # fmt: skip
+        with torch.no_grad():  # every step taken, critic steps included, as FastGen's EMA callback does
+            for spec, params in emas.items() if step_taken else []:
                 for p_ema, p in zip(params, student.parameters()):
                     local(p_ema).lerp_(local(p.detach()), 1 - float(spec))
         loss_mean = all_reduce_sum(total) / world  # the loss of the global batch
@@ -1165,9 +1512,8 @@ def main(args):
         if master:
             images_per_s = args.batch_size / (time.time() - tic)
             bar.set_postfix(loss=f"{loss_mean.item():.4f}", img_s=f"{images_per_s:.1f}")
-            record = {"step": step_done, "loss": loss_mean.item(), "generator_step": generator_step, "grad_norm": grad_norm.item(), "images_per_s": images_per_s, **logs}  # fmt: skip
+            record = {"step": step_done, "loss": loss_mean.item(), "generator_step": generator_step, "grad_norm": grad_norm.item(), "skipped": skipped, "images_per_s": images_per_s, **logs}  # fmt: skip
             log.write(json.dumps(record) + "\n")
-            log.flush()
             if wandb:
                 wandb.log(record, step=step_done)
         if args.eval_every and (step_done % args.eval_every == 0 or step_done == args.max_steps):
@@ -1177,8 +1523,13 @@ def main(args):
             for spec, params in emas.items():
                 weights[f"ema_{spec}"] = {k: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for k, p in zip(names, params)}  # fmt: skip
             state = {name: get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) for name, (m, opt) in optimizers.items()}  # fmt: skip
+            state["ratio_bins"] = bins.cpu()
             if master:
-                save_checkpoint(args, step_done, weights, state | {"ratio_bins": bins.cpu()}, json.dumps(asdict(cfg)))
+                # the networks' Config rides in the metadata (sample.py builds them from it); the GAN heads are ours
+                config = json.dumps(asdict(cfg))
+                metadata = {name: {"step": str(step_done)} | ({"config": config} if name != "discriminator" else {}) for name in weights}  # fmt: skip
+                args_json = json.dumps(vars(args) | {"script": os.path.basename(__file__), "step": step_done}, indent=1)  # fmt: skip
+                save_checkpoint(args.out_dir, step_done, weights, metadata, state, args_json)
     if master:
         log.close()
     if distributed:

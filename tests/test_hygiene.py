@@ -83,3 +83,18 @@ def test_deliberate_copies_are_identical(original, copy, name):
     assert inspect.getsource(getattr(importlib.import_module(f"models.{copy}"), name)) == source, (
         f"models/{copy}.py's {name} differs from models/{original}.py's; keep the copies identical"
     )
+
+
+# train_flux.py's copy of train_edm.py's section "Runs that can be trusted for a week": word for word, so that a fix
+# to one reaches the other (what differs per script is its FLAG_RANGES and RUN_IDENTITY).
+TRAIN_FLUX_COPIES = [
+    ("train_edm", "train_flux", ["fail", "check_flag_ranges", "split_batch", "checkpoints", "prepare_run_dir", "write_atomic", "open_metrics", "all_finite", "nonfinite_tensors", "save_checkpoint"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("original, copy, name", [(o, c, n) for o, c, names in TRAIN_FLUX_COPIES for n in names])
+def test_train_flux_copies_are_identical(original, copy, name):
+    source = inspect.getsource(getattr(importlib.import_module(original), name))
+    assert inspect.getsource(getattr(importlib.import_module(copy), name)) == source, (
+        f"{copy}.py's {name} differs from {original}.py's; keep the copies identical"
+    )

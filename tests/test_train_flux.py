@@ -4,6 +4,7 @@ teacher's 28-step samples, exact resume, FSDP2 on two processes against one, tea
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -242,7 +243,7 @@ def test_sft_on_an_image_folder_encodes_once_and_trains(tmp_path):
     assert {"student.safetensors", "ema_0.9999.safetensors", "state.pt", "args.json"} <= set(os.listdir(out / "ckpt_0000003"))  # fmt: skip
 
 
-def test_make_pairs_then_kd(tmp_path):
+def test_make_pairs_then_kd(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\na bird\n")
     pairs = tmp_path / "pairs"
@@ -255,8 +256,9 @@ def test_make_pairs_then_kd(tmp_path):
     before = os.path.getmtime(pairs / "shard_00000.safetensors")
     train_flux.main(train_flux.parse_args([*common, "--make_pairs", "10"]))  # resumable: finished shards are kept
     assert os.path.getmtime(pairs / "shard_00000.safetensors") == before
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(SystemExit) as e:
         train_flux.main(train_flux.parse_args([*common, "--make_pairs", "10", "--teacher_steps", "4"]))
+    assert e.value.code == 2 and "other settings" in capsys.readouterr().err
     kd = ["--tiny", "--pairs", str(pairs), "--out_dir", str(tmp_path / "run")]  # the prompts come with the pairs
     run(*kd, "--method", "kd", "--student_steps", "2", "--max_steps", "3", "--eval_every", "0", "--save_every", "3")  # fmt: skip
     assert metrics(tmp_path / "run")[-1]["step"] == 3
@@ -356,18 +358,24 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path):
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
 
 
-def test_bad_inputs_give_clear_errors(tmp_path):
+def test_bad_inputs_give_clear_errors(tmp_path, capsys):
+    """Each ends with exit code 2 and one `error: ` line on stderr naming the problem (tests/test_bad_input_flux.py
+    has the rest)."""
     os.makedirs(tmp_path / "latents")
     save_file({"latents": torch.zeros(2, 4, 8, 8)}, tmp_path / "latents" / "a.safetensors", metadata={"prompts": '["x", "y"]'})  # fmt: skip
     out = ["--out_dir", str(tmp_path / "r")]
-    with pytest.raises(SystemExit, match=r"needs \(16, 8, 8\)"):
-        train_flux.main(train_flux.parse_args(["--tiny", "--method", "sft", "--data", str(tmp_path / "latents"), *out]))
-    with pytest.raises(SystemExit, match="--make_pairs"):
-        train_flux.main(train_flux.parse_args(["--tiny", "--method", "kd", "--pairs", str(tmp_path / "nowhere"), *out]))
-    with pytest.raises(SystemExit, match="gan_weight"):
-        train_flux.main(train_flux.parse_args(["--tiny", "--method", "fdistill", "--gan_weight", "0", *out]))
-    with pytest.raises(SystemExit, match="needs prompts"):
-        train_flux.main(train_flux.parse_args(["--method", "kd", "--make_pairs", "4", "--pairs", str(tmp_path / "p"), *out]))  # fmt: skip
+    cases = [
+        (["--tiny", "--method", "sft", "--data", str(tmp_path / "latents"), *out], r"needs \(16, 8, 8\)"),
+        (["--tiny", "--method", "kd", "--pairs", str(tmp_path / "nowhere"), *out], "--make_pairs"),
+        (["--tiny", "--method", "fdistill", "--gan_weight", "0", *out], "gan_weight"),
+        (["--method", "kd", "--make_pairs", "4", "--pairs", str(tmp_path / "p"), *out], "needs prompts"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            train_flux.main(train_flux.parse_args(argv))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and re.search(message, err) and err.startswith("error: "), err
+    assert not (tmp_path / "r").exists()  # bad input leaves no run directory behind
 
 
 def test_help_lists_the_presets():
