@@ -36,22 +36,28 @@ Data formats:
 Not here: the GAN heads of FastGen's Wan CausVid / Self-Forcing configs (weight 1e-3 / 3e-3 on teacher features; see
 train_edm.py for the head and loss), rolling KV caches for clips longer than the cache, I2V / VACE conditioning.
 
-Outputs in --out_dir: metrics.jsonl, samples/step_NNNNNNN.png (decoded frames, one row per prompt), checkpoints
-ckpt_NNNNNNN/ (student.safetensors, fake_score.safetensors, ema_*.safetensors, state.pt with optimizer state, args.json).
---resume continues from the newest checkpoint exactly.
+Outputs in --out_dir (default out/train_wan_causal/<preset, or method>[-tiny]): metrics.jsonl (one flushed line per
+step), samples/step_NNNNNNN.png (decoded frames, one row per prompt), checkpoints ckpt_NNNNNNN/ (student.safetensors,
+fake_score.safetensors, ema_*.safetensors, state.pt with optimizer state, args.json), written only when every weight
+is finite. A directory holds one run: --resume continues it from its newest checkpoint exactly (same method, teacher,
+tiny and chunk size), --overwrite replaces it (kd's pairs and the text cache are kept). A step whose loss or gradient
+is not finite on any process is skipped by all; --max_skipped_steps in a row stop the run. --print_config shows the
+resolved flags and exits.
 """
 
 import argparse
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -194,29 +200,74 @@ parser.add_argument("--start_gradient_frame", type=int, default=0, help="self_fo
 parser.add_argument("--sample_every", type=int, default=500, help="sample grid every N steps (0 = never)")
 parser.add_argument("--sample_n", type=int, default=4, help="prompts in the sample grid")
 parser.add_argument("--save_every", type=int, default=500)
-parser.add_argument("--out_dir", default="out/train_wan_causal")
-parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out_dir")
+parser.add_argument("--out_dir", default=None, help="the run's directory (default out/train_wan_causal/<preset, or method>[-tiny])")
+parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its newest checkpoint (same method, teacher and chunks)")
+parser.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds another run, removing its files (kd's pairs and the text cache are kept)")
+parser.add_argument("--max_skipped_steps", type=int, default=5, help="stop after this many consecutive steps skipped for a non-finite loss or gradient")
+parser.add_argument("--print_config", action="store_true", help="print the resolved configuration (JSON, derived values included) and exit")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
 parser.add_argument("--wandb", default="", help="also log to this wandb project (if wandb is installed)")
 # fmt: on
 
 
+DEFAULTS = {action.dest: action.default for action in parser._actions}
+# Every numeric flag by the range it must lie in (tests/test_bad_input_wan_causal.py checks that none is missing).
+FLAG_RANGES = {
+    "positive": ["num_pairs", "teacher_steps", "frames", "height", "width", "chunk_size", "micro_batch", "adam_eps", "grad_clip", "shift", "student_update_freq", "sample_n", "max_skipped_steps"],
+    "learning_rate": ["lr"],
+    "unit": ["critic_lr", "beta1", "beta2", "t_min", "t_max", "cond_dropout", "context_noise"],
+    "non_negative": ["batch_size", "max_steps", "weight_decay", "warmup_steps", "guidance", "start_gradient_frame", "sample_every", "save_every", "seed", "num_threads"],
+    "finite": [],
+}  # fmt: skip
+# What makes two runs the same run: --resume refuses a checkpoint whose args.json differs in these. The networks'
+# architecture is the teacher's (or the tiny one); the chunk size fixes the student's causal attention and KV cache.
+RUN_IDENTITY = ["script", "method", "teacher", "tiny", "chunk_size"]
+
+
 def parse_args(argv=None):
     """Flags over the preset over argparse defaults; --tiny shrinks the clip and the networks."""
     known = parser.parse_known_args(argv)[0]
+    parser.set_defaults(**DEFAULTS)  # a clean slate when called more than once in a process (tests)
     if known.preset:
         parser.set_defaults(**PRESETS[known.preset])
     args = parser.parse_args(argv)
     if args.method is None:
-        parser.error("give --method or a --preset")
+        fail("no training method given", "--method", "give --method sft|kd|causvid|self_forcing, or a --preset")
     if args.tiny:  # the same code path at CPU size: 3 chunks (2 + remainder, 2, 2) of 4 x 4 latents
         for name, value in dict(frames=7, height=4, width=4, chunk_size=2, teacher_steps=8).items():
             if parser.get_default(name) == getattr(args, name):
                 setattr(args, name, value)
-    args.t_list_values = [float(t) for t in args.t_list.split(",")]
-    if args.t_list_values[-1] != 0 or any(a <= b for a, b in zip(args.t_list_values, args.t_list_values[1:])):
-        parser.error(f"--t_list must decrease to a final 0, got {args.t_list}")
+    args.out_dir = args.out_dir or os.path.join("out", "train_wan_causal", (known.preset or args.method) + "-tiny" * args.tiny)  # fmt: skip
+    if args.method == "kd":
+        args.pairs = args.pairs or os.path.join(args.out_dir, "pairs")
+    check_flag_ranges(args, FLAG_RANGES)
+    try:
+        args.t_list_values = [float(t) for t in args.t_list.split(",")]
+    except ValueError:
+        args.t_list_values = [math.nan]
+    times = args.t_list_values
+    if len(times) < 2 or not all(map(math.isfinite, times)) or times[0] > 1 or times[-1] != 0 or any(a <= b for a, b in zip(times, times[1:])):  # fmt: skip
+        fail(f"--t_list {args.t_list} is not a list of times decreasing from at most 1 to a final 0", "--t_list", f"give comma-separated times such as {SF_T_LIST}")  # fmt: skip
+    if args.t_min >= args.t_max:
+        fail(f"--t_min {args.t_min} is not below --t_max {args.t_max}", "--t_min", "give t_min < t_max")
+    for spec in filter(None, args.ema.split(",")):
+        try:
+            rate = float(spec)
+        except ValueError:
+            rate = math.nan
+        if not 0 <= rate < 1:
+            fail(f"--ema {args.ema}: {spec} is not an EMA rate", "--ema", "give comma-separated rates in [0, 1), such as 0.99,0.999")  # fmt: skip
+    last_chunk = args.frames - wan.chunk_frames(args.frames, args.chunk_size)[-1]
+    if args.method == "self_forcing" and args.start_gradient_frame > last_chunk:
+        fail(f"--start_gradient_frame {args.start_gradient_frame} leaves no chunk a gradient (the last starts at frame {last_chunk})", "--start_gradient_frame", f"give at most {last_chunk}")  # fmt: skip
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    micro, accum = split_batch(args.batch_size or args.micro_batch * world, args.micro_batch, world)
+    if args.print_config:
+        emas = [dict(name=f"ema_{s}", kind="constant", value=float(s)) for s in args.ema.split(",") if s]
+        derived = dict(world_size=world, global_batch=micro * accum * world, micro_batch_per_process=micro, accumulation_steps=accum, emas=emas)  # fmt: skip
+        print(json.dumps(vars(args) | {"derived": derived}, indent=1))
+        raise SystemExit(0)
     return args
 
 
@@ -235,24 +286,47 @@ def rng_seed(*parts):
 
 
 class LatentVideos:
-    """A --data directory: rows of "latents" in *.safetensors files with their prompts in the metadata."""
+    """A --data directory: rows of "latents" in *.safetensors files with their prompts in the metadata. Every file's
+    header is read and checked here (tensors, prompts, the run's clip shape (frames, height, width)), so a bad file is
+    named before anything loads; `flag` is the flag that gave the directory, for the error."""
 
-    def __init__(self, path, keys=("latents",)):
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
-        self.rows, self.prompts, self.keys = [], [], keys
+    def __init__(self, path, keys=("latents",), clip=None, flag="--data"):
+        fix = "give *.safetensors files with a 'latents' tensor and 'prompts' metadata (format in --help)"
+        if not os.path.isdir(path):
+            fail(f"the directory is {'a file' if os.path.exists(path) else 'missing'}", f"{flag} {path}", fix)
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        self.rows, self.prompts, self.keys, self.channels = [], [], keys, None
         for name in files:
-            with safe_open(os.path.join(path, name), "pt") as f:
-                meta = f.metadata() or {}
-                if "latents" not in f.keys() or "prompts" not in meta:
-                    raise ValueError(f"{path}/{name}: expected a 'latents' tensor and 'prompts' metadata (see --help)")
-                n = f.get_slice("latents").get_shape()[0]
-            prompts = json.loads(meta["prompts"])
-            if len(prompts) != n:
-                raise ValueError(f"{path}/{name}: {n} latent videos but {len(prompts)} prompts")
-            self.rows += [(os.path.join(path, name), i) for i in range(n)]
+            file = os.path.join(path, name)
+            try:
+                with safe_open(file, "pt") as f:
+                    meta, names = f.metadata() or {}, set(f.keys())
+                    shape = f.get_slice("latents").get_shape() if "latents" in names else None
+                    dtype = f.get_slice("latents").get_dtype() if "latents" in names else None
+                prompts = json.loads(meta["prompts"]) if "prompts" in meta else None
+            except (OSError, ValueError, SafetensorError) as e:
+                fail(f"{file} is not a readable safetensors file ({e})", f"{flag} {path}", "replace or remove the file")  # fmt: skip
+            missing = [f"{k!r} tensor" for k in keys if k not in names] + (["'prompts' metadata"] if prompts is None else [])  # fmt: skip
+            if missing:
+                fail(f"{file} has no {' and no '.join(missing)}", f"{flag} {path}", fix)
+            if dtype not in ("F32", "F16", "BF16", "F64"):
+                fail(f"{file} holds {dtype} latents", f"{flag} {path}", "give floating-point latents (the VAE's encodings)")  # fmt: skip
+            if len(shape) != 5 or (clip is not None and list(shape[2:]) != list(clip)):
+                want = "(N, C, " + ", ".join(map(str, clip)) + ")" if clip else "(N, C, F, H, W)"
+                fix_shape = f"give --frames {shape[2]} --height {shape[3]} --width {shape[4]}, or other data" if len(shape) == 5 else fix  # fmt: skip
+                fail(f"{file} holds latents of shape {tuple(shape)}, this run's clips are {want}", f"{flag} {path}", fix_shape)  # fmt: skip
+            if self.channels not in (None, shape[1]):
+                fail(f"{file} holds latents of {shape[1]} channels, the files before {self.channels}", f"{flag} {path}", "give one kind of latents")  # fmt: skip
+            self.channels = shape[1]
+            n = shape[0]
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or len(prompts) != n:
+                got = f"{len(prompts)} prompts" if isinstance(prompts, list) else f"prompts {str(prompts)[:40]!r}"
+                got += "" if not isinstance(prompts, list) or all(isinstance(p, str) for p in prompts) else ", not all strings"  # fmt: skip
+                fail(f"{file}: {n} latent videos but {got}", f"{flag} {path}", "give one prompt (a string) per latent video in the 'prompts' metadata")  # fmt: skip
+            self.rows += [(file, i) for i in range(n)]
             self.prompts += prompts
         if not self.rows:
-            raise SystemExit(f"error: {path or '--data'} holds no latent videos (*.safetensors with 'latents' and 'prompts'; see --help)")  # fmt: skip
+            fail("the directory holds no latent videos", f"{flag} {path}", fix)
 
     def __len__(self):
         return len(self.rows)
@@ -273,15 +347,25 @@ def toy_latents(index, args, generator):
 
 
 def read_prompts(args):
-    if args.prompts:
-        with open(args.prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        if not prompts:
-            raise SystemExit(f"error: {args.prompts} holds no prompts")
-        return prompts
-    if args.tiny:
-        return list(TINY_PROMPTS)
-    raise SystemExit("error: give --prompts FILE (one prompt per line)")
+    """--prompts: one prompt per line (UTF-8 text; blank lines are skipped). The tiny run has built-in prompts."""
+    fix = "give a UTF-8 text file with one prompt per line"
+    if not args.prompts:
+        if args.tiny:
+            return list(TINY_PROMPTS)
+        fail(f"--method {args.method} needs prompts", "--prompts", fix)
+    try:
+        with open(args.prompts, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        fail("the prompts file does not exist", f"--prompts {args.prompts}", fix)
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"the prompts file is not readable text ({e})", f"--prompts {args.prompts}", fix)
+    if "\x00" in text:
+        fail("the prompts file is binary, not text", f"--prompts {args.prompts}", fix)
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        fail("the prompts file holds no prompts (only blank lines)", f"--prompts {args.prompts}", fix)
+    return prompts
 
 
 # ----------------------------------------------------------------------------
@@ -296,13 +380,20 @@ def wan_config(args):
     return None  # from the checkpoint's config.json
 
 
-def load_state(name, args, cfg, seed):
-    """Full state dict of a Wan checkpoint (CONFIGS name, repo or file), or of a random tiny network (seeded)."""
+def load_state(name, args, cfg, seed, flag):
+    """Full state dict of a Wan checkpoint (CONFIGS name, repo or file), or of a random tiny network (seeded). A file
+    that cannot be read, does not fit the architecture or holds non-finite weights is bad input named by `flag`."""
     if args.tiny and not name:
         torch.manual_seed(seed)
         return wan.WanModel(cfg).state_dict()
-    model = wan.from_pretrained(name, config=cfg if args.tiny or name.endswith((".pt", ".pth")) else None)
-    return model.state_dict()
+    try:
+        state = wan.from_pretrained(name, config=cfg if args.tiny or name.endswith((".pt", ".pth")) else None).state_dict()  # fmt: skip
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        fail(f"cannot load {name}: {e}", flag, "download it with download.py, or give a Wan .safetensors file or folder")  # fmt: skip
+    bad = nonfinite_tensors({os.path.basename(name): state})
+    if bad:
+        fail(f"{len(bad)} weight tensors are not finite ({', '.join(bad[:3])})", f"{flag} {name}", "give a checkpoint with finite weights")  # fmt: skip
+    return state
 
 
 def build_net(cfg, state, args, device, distributed, trainable):
@@ -488,26 +579,54 @@ def teacher_trajectory(teacher, noise, text, neg, args):
     return torch.stack(path, dim=1), x.to(noise.dtype)
 
 
+def pairs_settings(args, prompts):
+    """What the teacher pairs depend on: a --pairs directory written with other settings is not reused."""
+    return dict(teacher="tiny" if args.tiny and not args.teacher.endswith(".safetensors") else args.teacher,
+                steps=args.teacher_steps, guidance=args.guidance, shift=args.shift, t_list=args.t_list_values,
+                seed=args.seed, shard_size=args.micro_batch, shape=[args.frames, args.height, args.width],
+                neg_prompt=args.neg_prompt, prompts=prompts)  # fmt: skip
+
+
+def check_pairs(args, prompts):
+    """--pairs before the run starts: a directory (or nothing yet) whose pairs.json, if any, names this run's settings
+    and whose finished shards are readable."""
+    out, flag = args.pairs, f"--pairs {args.pairs}"
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail("the pairs directory is a file", flag, "name a directory for kd's teacher pairs")
+    index_file = os.path.join(out, "pairs.json")
+    if not os.path.exists(index_file):
+        return
+    try:
+        with open(index_file) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        fail(f"{index_file} is not a pairs index", flag, "remove the directory to write the pairs again, or choose another --pairs DIR")  # fmt: skip
+    settings = pairs_settings(args, prompts)
+    changed = [k for k in settings if old.get(k) != settings[k]]
+    if changed:
+        fail(f"{out} holds pairs made with other settings ({', '.join(changed)})", flag, "choose another --pairs DIR, or give the flags they were made with")  # fmt: skip
+    for name in sorted(f for f in os.listdir(out) if re.fullmatch(r"pairs_\d{8}\.safetensors", f)):
+        try:
+            with safe_open(os.path.join(out, name), "pt") as f:
+                names = set(f.keys())
+        except (OSError, SafetensorError):
+            names = set()
+        if not {"latents", "path"} <= names:
+            fail(f"{os.path.join(out, name)} is not a readable shard of teacher pairs", flag, "delete the file: the run writes it again")  # fmt: skip
+
+
 def write_pairs(teacher, embed, prompts, neg, args, device, rank, world, distributed):
     """Teacher pairs in shards of --micro_batch: pair k takes prompt k mod #prompts and noise seeded by (seed, k).
     Shards on disk are kept; under FSDP every rank runs each round (a rank with nothing left runs a throwaway clip),
     since the sharded teacher's forwards are collectives."""
     out = args.pairs
-    settings = dict(teacher="tiny" if args.tiny and not args.teacher.endswith(".safetensors") else args.teacher,
-                    steps=args.teacher_steps, guidance=args.guidance, shift=args.shift, t_list=args.t_list_values,
-                    seed=args.seed, shard_size=args.micro_batch, shape=[args.frames, args.height, args.width],
-                    neg_prompt=args.neg_prompt, prompts=prompts)  # fmt: skip
+    check_pairs(args, prompts)
     index_file = os.path.join(out, "pairs.json")
-    if os.path.exists(index_file):
-        with open(index_file) as f:
-            old = json.load(f)
-        if {k: old.get(k) for k in settings} != settings:
-            raise SystemExit(f"error: {out} holds pairs made with other settings; choose another --pairs DIR")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        with open(index_file + ".tmp", "w") as f:
-            json.dump(settings, f, indent=1)
-        os.replace(index_file + ".tmp", index_file)
+        write_atomic(index_file, json.dumps(pairs_settings(args, prompts), indent=1).encode())
     starts = list(range(0, args.num_pairs, args.micro_batch))
     names = [f"pairs_{i:08d}.safetensors" for i in starts]
     C = teacher.cfg.in_channels
@@ -531,7 +650,7 @@ def write_pairs(teacher, embed, prompts, neg, args, device, rank, world, distrib
             os.replace(tmp, os.path.join(out, names[j]))
     if distributed:
         dist.barrier()
-    return LatentVideos(out, keys=("latents", "path"))
+    return LatentVideos(out, keys=("latents", "path"), clip=(args.frames, args.height, args.width), flag="--pairs")
 
 
 # ----------------------------------------------------------------------------
@@ -559,24 +678,189 @@ def learning_rate(step, lr, args):
     return lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else lr
 
 
-def save_checkpoint(args, step, weights, state, config_json):
-    """ckpt_NNNNNNN/ written as a temporary directory and renamed, so a crash never leaves a half checkpoint."""
-    final = os.path.join(args.out_dir, f"ckpt_{step:07d}")
+# ----------------------------------------------------------------------------
+# Runs that can be trusted for a week: bad input ends with one line and exit code 2 before anything loads; a run
+# directory holds one run; a step with a non-finite loss or gradient is skipped on every process, and a checkpoint
+# is written only when every weight is finite, fsynced, then renamed into place. The functions of this section are
+# the same, word for word, in every training script (tests/test_hygiene.py keeps them so); what differs per script
+# is its FLAG_RANGES and RUN_IDENTITY.
+
+
+def fail(what, where, fix, code=2):
+    """Stop with `error: <what> (<where>): <fix>` on stderr: exit code 2 for bad input, 1 for a run that cannot go
+    on. No traceback: the line says everything the user needs."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        what = " ".join(str(what).split())  # one line, whatever the message it quotes
+        tqdm.write(f"error: {what} ({where}): {fix}", file=sys.stderr)  # on its own line, below a progress bar
+    raise SystemExit(code)
+
+
+def check_flag_ranges(args, ranges):
+    """Every numeric flag against its range, before anything loads; `ranges`: kind -> flag names."""
+    tests = {
+        "positive": (lambda v: v > 0, "a number > 0"),
+        "non_negative": (lambda v: v >= 0, "a number >= 0"),
+        "unit": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "learning_rate": (lambda v: 0 < v <= 1, "a learning rate in (0, 1]: Adam's lr is a step in weight units"),
+        "finite": (lambda v: True, "a finite number"),
+    }
+    for kind, names in ranges.items():
+        accept, wanted = tests[kind]
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and accept(value)):
+                fail(f"--{name} {value} is out of range", f"--{name}", f"give {wanted}")
+
+
+def split_batch(batch_size, micro_batch, world):
+    """(per-process micro-batch, accumulation rounds) that make up exactly `batch_size` over `world` processes."""
+    if batch_size % world:
+        fail(f"the global batch {batch_size} does not split over {world} processes", "--batch_size", f"give a multiple of {world}")  # fmt: skip
+    micro = micro_batch or batch_size // world
+    if (batch_size // world) % micro:
+        fail(f"{batch_size // world} samples per process are not a whole number of micro-batches of {micro}", "--micro_batch", f"give a divisor of {batch_size // world}")  # fmt: skip
+    return micro, batch_size // (world * micro)
+
+
+def checkpoints(out_dir):
+    """The finished checkpoints ckpt_NNNNNNN of a run directory, oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}", d))
+
+
+def prepare_run_dir(args, identity, master):
+    """Check --out_dir before anything loads and claim it for this run. Returns the checkpoint to resume or None.
+    A directory that holds another run's files is refused unless --resume (continue it: the saved args.json must
+    name the same `identity` flags) or --overwrite (its checkpoints, metrics and samples are removed)."""
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"{out} is a file", "--out_dir", "name a directory for the run")
+    run_files = ["args.json", "metrics.jsonl", "samples", "quality.md", "quality.png", "metrics.png"]
+    held = [p for p in (os.path.join(out, n) for n in run_files) if os.path.exists(p)] + checkpoints(out)
+    ckpt = None
+    if args.resume:
+        for ckpt in reversed(checkpoints(out)):  # the newest complete one (a checkpoint always holds these two)
+            if all(os.path.isfile(os.path.join(ckpt, n)) for n in ("args.json", "state.pt")):
+                break
+        else:
+            fail(f"no checkpoint ckpt_NNNNNNN to resume in {out}", "--resume", "name the run's --out_dir, or drop --resume to start a new run")  # fmt: skip
+        with open(os.path.join(ckpt, "args.json")) as f:
+            saved = json.load(f)
+        mine = vars(args) | {"script": os.path.basename(__file__)}
+        mismatch = [k for k in identity if saved.get(k) != mine.get(k)]
+        if mismatch:
+            detail = ", ".join(f"--{k} {saved.get(k)!r} there, {mine.get(k)!r} here" for k in mismatch)
+            fail(f"{ckpt} is another run ({detail})", "--resume", "resume with the run's own flags, or choose another --out_dir")  # fmt: skip
+        changed = {k: (saved[k], v) for k, v in vars(args).items() if k in saved and saved[k] != v and k != "resume"}
+        if master and changed:
+            print("resuming with changed flags: " + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))  # fmt: skip
+    elif held and not args.overwrite:
+        fail(f"{out} holds another run ({os.path.basename(held[0])})", "--out_dir", "continue it with --resume, replace it with --overwrite, or choose another --out_dir")  # fmt: skip
+    if dist.is_initialized():  # every process has looked before the first one writes
+        dist.barrier()
+    if not master:
+        return ckpt
+    if held and not args.resume:
+        for path in held:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"--overwrite: removed the earlier run in {out}")
+    for stale in (d for d in os.listdir(out) if d.endswith(".tmp")) if os.path.isdir(out) else []:
+        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
+        print(f"removed {stale}, a checkpoint left unfinished by a crash")
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    if not args.resume:  # the run's flags as started; each checkpoint holds the flags it was written with
+        write_atomic(os.path.join(out, "args.json"), json.dumps(vars(args) | {"script": os.path.basename(__file__)}, indent=1).encode())  # fmt: skip
+    return ckpt
+
+
+def write_atomic(path, data):
+    """Bytes to a file that either holds all of them or keeps its old content (temp file, fsync, rename)."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def open_metrics(out_dir, start):
+    """metrics.jsonl for appending, one flushed line per record. On resume the lines past the resumed step (written
+    after the checkpoint, before the crash) are dropped, so the log reads as one run."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start]
+        write_atomic(path, "".join(lines).encode())
+    return open(path, "a", buffering=1)  # line-buffered: every record reaches the file as it is written
+
+
+def all_finite(*values):
+    """Whether every tensor is finite on every process: all processes take the same decision."""
+    flag = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def nonfinite_tensors(state_dicts):
+    """Names of the floating tensors holding a NaN or an infinity: `state_dicts` is name -> state dict."""
+    return [f"{name}.{k}" for name, sd in state_dicts.items() for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]  # fmt: skip
+
+
+def save_checkpoint(out_dir, step, tensors, metadata, state, args_json):
+    """ckpt_NNNNNNN/: NAME.safetensors per entry of `tensors` (name -> state dict, with `metadata[name]`), state.pt,
+    args.json. Refused when a weight is not finite; written to ckpt_NNNNNNN.tmp, fsynced, then renamed, so a crash
+    or a full disk never leaves a half checkpoint nor touches an earlier one."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        fail(f"step {step}: {len(bad)} weight tensors are not finite ({', '.join(bad[:3])}, ...)", out_dir, "the run diverged; nothing was saved: lower --lr and --resume from the last checkpoint", code=1)  # fmt: skip
+    final = os.path.join(out_dir, f"ckpt_{step:07d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, tensors in weights.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, f"{name}.safetensors"), metadata={"step": str(step), "config": config_json})  # fmt: skip
-    torch.save(state | {"step": step}, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args) | {"step": step}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name, sd in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, os.path.join(tmp, f"{name}.safetensors"), metadata=metadata[name])  # fmt: skip
+        torch.save(state | {"step": step}, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            f.write(args_json)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(final):  # the same step saved again in this run (a resumed run ending where it started)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        dir_fd = os.open(out_dir, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"could not write checkpoint step {step}: {e.strerror or e}", final, "free disk space or fix permissions, then --resume from the last checkpoint", code=1)  # fmt: skip
+    return final
 
 
-def latest_checkpoint(out_dir):
-    ckpts = sorted(d for d in os.listdir(out_dir) if d.startswith("ckpt_") and not d.endswith(".tmp")) if os.path.isdir(out_dir) else []  # fmt: skip
-    return os.path.join(out_dir, ckpts[-1]) if ckpts else None
+def check_sources(args):
+    """A misspelt --teacher, --student_init, --vae or --text_encoder (neither a known name, an existing path nor a
+    Hub repo id) is refused before the run directory is claimed; files that exist are read, and checked, later."""
+    tiny_teacher = args.tiny and not args.teacher.endswith(".safetensors")  # the tiny run's teacher is random
+    sources = [
+        ("--teacher", "" if tiny_teacher else args.teacher, wan.CONFIGS),
+        ("--student_init", args.student_init, wan.CONFIGS),
+        ("--vae", "" if args.tiny or not args.sample_every else args.vae, wan_vae.CONFIGS),
+        ("--text_encoder", "" if args.tiny else args.text_encoder, {}),
+    ]
+    for flag, name, known in sources:
+        if name and name not in known and not os.path.exists(name) and not wan._is_repo_id(name):
+            fail(f"{name} is neither a known name, a file or folder, nor a Hub repo id", flag, "download it with download.py, or give its path")  # fmt: skip
+
+
+def check_shapes(cfg, data, args):
+    """The clip shape against the network: latent channels of --data, height and width in whole patches."""
+    _, ph, pw = cfg.patch_size
+    if args.height % ph or args.width % pw:
+        fail(f"latents of {args.height} x {args.width} are not whole {ph} x {pw} patches", "--height/--width", f"give multiples of {ph} and {pw}")  # fmt: skip
+    if data is not None and data.channels != cfg.in_channels:
+        fail(f"the latent videos have {data.channels} channels, the network {cfg.in_channels}", f"--data {args.data}", "give latents of the teacher's VAE (Wan 2.1: 16 channels)")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------
@@ -594,26 +878,47 @@ def main(args):
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     master = rank == 0
-    if master:
-        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-        print(json.dumps(vars(args)))
     distill = args.method in ("causvid", "self_forcing")
 
-    # Text: every prompt's UMT5 embedding computed once (rank 0) and cached on disk; batches read the cache.
+    # The user's small input files (prompts, the headers of the latent videos, kd's pairs directory) are checked
+    # before the run directory is claimed: bad input leaves nothing on disk. Then the run directory, then the loading.
     data = None
     if args.method in ("sft", "causvid") and (args.data or not args.tiny):
-        data = LatentVideos(args.data)
+        if not args.data:
+            fail(f"--method {args.method} trains on latent videos", "--data", "give a directory of latent videos (format in --help)")  # fmt: skip
+        data = LatentVideos(args.data, clip=(args.frames, args.height, args.width))
     prompts = data.prompts if data is not None else read_prompts(args)
+    if args.method == "kd":
+        check_pairs(args, prompts)
+    cache_dir = args.embed_cache or os.path.join(args.out_dir, "text_cache")
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        fail(f"{cache_dir} is not a directory", "--embed_cache", "name a directory for the prompt embeddings")
+    check_sources(args)
     cfg = wan_config(args)
+    if cfg is not None:
+        check_shapes(cfg, data, args)
+    ckpt = prepare_run_dir(args, RUN_IDENTITY, master)  # before anything loads: the run directory is this run's
+    if master:
+        print(json.dumps(vars(args)))
     if cfg is None:
-        cfg = wan.from_pretrained(args.teacher).cfg
+        try:
+            cfg = wan.from_pretrained(args.teacher).cfg
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+            fail(f"cannot load {args.teacher}: {e}", "--teacher", "download it with download.py, or give a Wan .safetensors file or folder")  # fmt: skip
+        check_shapes(cfg, data, args)
+
+    # Text: every prompt's UMT5 embedding computed once (rank 0) and cached on disk; batches read the cache.
     tiny_widths = {"umt5": cfg.text_dim} if args.tiny else None
     encoder = encoders.TextEncoder("wan", None if args.tiny else args.text_encoder, tiny=tiny_widths)
-    cache_dir = args.embed_cache or os.path.join(args.out_dir, "text_cache")
     if master:
         unique = sorted(set(prompts)) + [args.neg_prompt]
-        for i in tqdm(range(0, len(unique), 64), unit="prompts", desc="text embeddings", disable=len(unique) < 65):
-            encoders.cached_embeddings(encoder, unique[i : i + 64], cache_dir)
+        try:
+            for i in tqdm(range(0, len(unique), 64), unit="prompts", desc="text embeddings", disable=len(unique) < 65):
+                encoders.cached_embeddings(encoder, unique[i : i + 64], cache_dir)
+        except SafetensorError as e:
+            fail(f"a cached prompt embedding in {cache_dir} is unreadable ({e})", "--embed_cache", f"delete {cache_dir}: the embeddings are computed again")  # fmt: skip
+        except (OSError, ValueError) as e:
+            fail(f"cannot encode the prompts with {args.text_encoder}: {e}", "--text_encoder", "download the pipeline's text_encoder/ and tokenizer/ (hf download REPO), or give a local pipeline folder")  # fmt: skip
         encoder.models.clear()  # the cache serves everything from here on
     if distributed:
         dist.barrier()
@@ -624,13 +929,13 @@ def main(args):
     neg = embed([args.neg_prompt]).to(device)
 
     # Networks: the frozen bidirectional teacher; the causal student; the fake score (a trainable teacher copy).
-    teacher_state = load_state(args.teacher if not args.tiny or args.teacher.endswith(".safetensors") else "", args, cfg, args.seed) if master or not args.fsdp else {}  # fmt: skip
+    teacher_state = load_state(args.teacher if not args.tiny or args.teacher.endswith(".safetensors") else "", args, cfg, args.seed, "--teacher") if master or not args.fsdp else {}  # fmt: skip
     # sft has no teacher: diffusion forcing learns from the data alone (the teacher's weights only start the student).
     teacher = (
         build_net(cfg, teacher_state, args, device, distributed, trainable=False) if args.method != "sft" else None
     )
     if args.student_init:
-        student_state = load_state(args.student_init, args, cfg, args.seed) if master or not args.fsdp else {}
+        student_state = load_state(args.student_init, args, cfg, args.seed, "--student_init") if master or not args.fsdp else {}  # fmt: skip
     else:
         student_state = teacher_state
     student = build_net(cfg, student_state, args, device, distributed, trainable=True)
@@ -644,13 +949,19 @@ def main(args):
     critic_lr = args.critic_lr or args.lr
     critic_optimizer = torch.optim.AdamW(fake.parameters(), lr=critic_lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay) if distill else None  # fmt: skip
     amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
-    micro = args.micro_batch
-    accum = max(1, args.batch_size // (micro * world)) if args.batch_size else 1
+    # batch_size 0: one micro-batch per process (parse_args checked the split over WORLD_SIZE; this is the same)
+    micro, accum = split_batch(args.batch_size or args.micro_batch * world, args.micro_batch, world)
     batch_size = micro * world * accum
+    vae = None  # loaded now, not at the first sample grid: a missing VAE must not end a run hours in
+    if args.sample_every and master:
+        try:
+            vae = wan_vae.WanVAE(wan_vae.CONFIGS["tiny"]) if args.tiny else wan_vae.from_pretrained(args.vae)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+            fail(f"cannot load the VAE {args.vae}: {e}", "--vae", "download it with download.py, give a Wan VAE file or folder, or --sample_every 0")  # fmt: skip
+        vae = vae.to(device).eval()
 
     # kd: the teacher's ODE pairs (written now if incomplete), then the teacher is no longer needed.
     if args.method == "kd":
-        args.pairs = args.pairs or os.path.join(args.out_dir, "pairs")
         data = write_pairs(teacher, embed, prompts, neg, args, device, rank, world, distributed)
         teacher = None
 
@@ -671,33 +982,36 @@ def main(args):
 
     # What a checkpoint holds, and --resume.
     start = 0
-    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     trained = {"student": (student, optimizer)} | ({"fake_score": (fake, critic_optimizer)} if distill else {})
     if ckpt:
         options = StateDictOptions(full_state_dict=distributed, broadcast_from_rank0=distributed)
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu") if master or not distributed else {}  # fmt: skip
-        for name, (net, opt) in trained.items():
-            weights = load_file(os.path.join(ckpt, f"{name}.safetensors")) if master or not distributed else {}
-            set_model_state_dict(net, weights, options=options)
-            set_optimizer_state_dict(net, opt, optim_state_dict=state.get(name, {}), options=options)
-        for spec, ema in emas.items():
-            weights = load_file(os.path.join(ckpt, f"ema_{spec}.safetensors"))
-            for k, p in ema.items():
-                p.copy_(weights[k].to(device) if not hasattr(p, "full_tensor") else distribute_like(weights[k], p))
-        start = int(json.load(open(os.path.join(ckpt, "args.json")))["step"])
+        try:
+            state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu") if master or not distributed else {}  # fmt: skip
+            for name, (net, opt) in trained.items():
+                weights = load_file(os.path.join(ckpt, f"{name}.safetensors")) if master or not distributed else {}
+                set_model_state_dict(net, weights, options=options)
+                set_optimizer_state_dict(net, opt, optim_state_dict=state.get(name, {}), options=options)
+            for spec, ema in emas.items():
+                weights = load_file(os.path.join(ckpt, f"ema_{spec}.safetensors"))
+                for k, p in ema.items():
+                    p.copy_(weights[k].to(device) if not hasattr(p, "full_tensor") else distribute_like(weights[k], p))
+            with open(os.path.join(ckpt, "args.json")) as f:
+                start = int(json.load(f)["step"])
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+            fail(f"{ckpt} does not fit this run's networks: {str(e)[:300]}", "--resume", "resume with the flags the run was started with (--ema included)")  # fmt: skip
         if master:
             print(f"resumed from {ckpt} at step {start}")
 
-    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    log = open_metrics(args.out_dir, start) if master else None
     wandb = None
     if args.wandb and master:
         import wandb
 
         wandb.init(project=args.wandb, config=vars(args))
-    vae = None
     sample_text = embed(prompts[: args.sample_n])
 
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, unit="step")
+    skipped = bad_steps = 0  # updates skipped for a non-finite loss or gradient: in all, and in a row
     for step in bar:
         # causvid/self_forcing alternate: a generator step every student_update_freq steps (counting from 1), fake
         # score steps in between (DMD2 Sec. 4.2). sft and kd update the student at every step.
@@ -706,7 +1020,7 @@ def main(args):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args.lr if generator_step else critic_lr, args)
         tic = time.time()
-        total, logs = 0.0, {}
+        total, logs = torch.zeros((), device=device), {}
         for m in range(accum):
             shard = rank * accum + m  # this micro-batch's place in the global batch
             x0, extra, text = batch(step, shard)
@@ -738,39 +1052,46 @@ def main(args):
                         loss, more = fake_score_loss(fake, g.detach(), text, args)
                     logs = logs | more
             (loss / accum).backward()
-            total += loss.item() / accum
+            total += loss.detach().float() / accum
         params = [p for p in net.parameters() if p.grad is not None]
         if distributed and not args.fsdp:  # plain data parallel: average the gradients (forward_chunk bypasses DDP)
             for p in params:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        for p in params:
-            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-        # The student's gradient is clipped; the fake score's is not (FastGen clips the student only).
+        # The student's gradient is clipped; the fake score's is not (FastGen clips the student only). The norm is the
+        # true one: a NaN or infinity anywhere in the gradient makes it non-finite.
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, args.grad_clip if generator_step else math.inf))
-        opt.step()
+        # A non-finite loss or gradient on any process: every process skips this update and the EMA's.
+        loss_finite, grad_finite = all_finite(total), all_finite(grad_norm)
+        step_taken = loss_finite and grad_finite
+        if step_taken:
+            opt.step()
+            bad_steps = 0
+        else:
+            skipped, bad_steps = skipped + 1, bad_steps + 1
+            if master:
+                bar.write(f"step {step + 1}: non-finite {'loss' if not loss_finite else 'gradient'}, update skipped ({bad_steps} in a row)")  # fmt: skip
+            if bad_steps >= args.max_skipped_steps:
+                bar.close()
+                last = checkpoints(args.out_dir)
+                fail(f"{bad_steps} consecutive steps had a non-finite loss or gradient (up to step {step + 1})", "--max_skipped_steps", f"the run diverged: lower --lr and --resume from {last[-1] if last else 'a new run'}", code=1)  # fmt: skip
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():  # every step, critic steps included, as FastGen's EMA callback does
-            for spec, ema in emas.items():
+        with torch.no_grad():  # every step taken, critic steps included, as FastGen's EMA callback does
+            for spec, ema in emas.items() if step_taken else []:
                 for k, p in student.named_parameters():
                     ema[k].lerp_(p.detach(), 1 - float(spec))
         if distributed:
-            total = torch.tensor(total, device=device)
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
-            total = total.item()
+        total = total.item()
 
         step_done = step + 1
         if master:
             sec = time.time() - tic
             bar.set_postfix(loss=f"{total:.4f}", s_step=f"{sec:.2f}")
-            record = {"step": step_done, "loss": total, "generator_step": generator_step, "grad_norm": grad_norm.item(), "lr": opt.param_groups[0]["lr"], "clips_per_s": batch_size / sec, **logs}  # fmt: skip
+            record = {"step": step_done, "loss": total, "generator_step": generator_step, "grad_norm": grad_norm.item(), "skipped": skipped, "lr": opt.param_groups[0]["lr"], "clips_per_s": batch_size / sec, **logs}  # fmt: skip
             log.write(json.dumps(record) + "\n")
-            log.flush()
             if wandb:
                 wandb.log(record, step=step_done)
         if args.sample_every and (step_done % args.sample_every == 0 or step_done == args.max_steps):
-            if vae is None and master:
-                vae = wan_vae.WanVAE(wan_vae.CONFIGS["tiny"]) if args.tiny else wan_vae.from_pretrained(args.vae)
-                vae = vae.to(device).eval()
             student.eval()
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 sample_grid(student, vae if master else None, sample_text, args, device, os.path.join(args.out_dir, "samples", f"step_{step_done:07d}.png"))  # fmt: skip
@@ -780,8 +1101,11 @@ def main(args):
             weights = {name: full_state_dict(n, distributed) for name, (n, _) in trained.items()}
             weights |= {f"ema_{spec}": {k: full_tensor(v) for k, v in ema.items()} for spec, ema in emas.items()}
             state = {name: get_optimizer_state_dict(n, o, options=options) for name, (n, o) in trained.items()}
-            if master:
-                save_checkpoint(args, step_done, weights, state, json.dumps(cfg.__dict__, default=list))
+            if master:  # the full tensors, gathered above on every process, are written by rank 0
+                config = json.dumps(cfg.__dict__, default=list)
+                metadata = {name: {"step": str(step_done), "config": config} for name in weights}
+                args_json = json.dumps(vars(args) | {"script": os.path.basename(__file__), "step": step_done}, indent=1)  # fmt: skip
+                save_checkpoint(args.out_dir, step_done, weights, metadata, state, args_json)
             if distributed:
                 dist.barrier()
     if master:

@@ -85,15 +85,17 @@ def test_deliberate_copies_are_identical(original, copy, name):
     )
 
 
-# train_flux.py's copy of train_edm.py's section "Runs that can be trusted for a week": word for word, so that a fix
-# to one reaches the other (what differs per script is its FLAG_RANGES and RUN_IDENTITY).
-TRAIN_FLUX_COPIES = [
-    ("train_edm", "train_flux", ["fail", "check_flag_ranges", "split_batch", "checkpoints", "prepare_run_dir", "write_atomic", "open_metrics", "all_finite", "nonfinite_tensors", "save_checkpoint"]),
+# The section "Runs that can be trusted for a week" of the training scripts, word for word, so that a fix to one
+# reaches every script (what differs per script is its FLAG_RANGES and RUN_IDENTITY); train_edm.py's is the original.
+RUN_SAFETY = [
+    "fail", "check_flag_ranges", "split_batch", "checkpoints", "prepare_run_dir", "claim_run_dir", "write_atomic",
+    "open_metrics", "all_finite", "nonfinite_tensors", "save_checkpoint",
 ]  # fmt: skip
+SCRIPT_COPIES = [("train_edm", script, RUN_SAFETY) for script in ("train_flux", "train_wan_causal", "train_video")]
 
 
-@pytest.mark.parametrize("original, copy, name", [(o, c, n) for o, c, names in TRAIN_FLUX_COPIES for n in names])
-def test_train_flux_copies_are_identical(original, copy, name):
+@pytest.mark.parametrize("original, copy, name", [(o, c, n) for o, c, names in SCRIPT_COPIES for n in names])
+def test_training_scripts_share_the_run_safety_section(original, copy, name):
     source = inspect.getsource(getattr(importlib.import_module(original), name))
     assert inspect.getsource(getattr(importlib.import_module(copy), name)) == source, (
         f"{copy}.py's {name} differs from {original}.py's; keep the copies identical"

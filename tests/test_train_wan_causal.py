@@ -248,7 +248,8 @@ def test_kd_pairs_are_resumable_and_kd_trains_on_them(tmp_path):
     run_script(*common, "--num_pairs", "2", "--max_steps", "0", "--out_dir", split)
     first = os.path.join(split, "pairs", "pairs_00000000.safetensors")
     stamp = os.stat(first).st_mtime_ns
-    run_script(*common, "--num_pairs", "4", "--max_steps", "3", "--save_every", "3", "--out_dir", split)
+    # the same directory again: --overwrite replaces the earlier run of 0 steps (its args.json), and keeps its pairs
+    run_script(*common, "--num_pairs", "4", "--max_steps", "3", "--save_every", "3", "--out_dir", split, "--overwrite")
     assert os.stat(first).st_mtime_ns == stamp  # kept, not rewritten
     for name in ("pairs_00000000.safetensors", "pairs_00000002.safetensors"):
         a, b = load_file(os.path.join(straight, "pairs", name)), load_file(os.path.join(split, "pairs", name))
