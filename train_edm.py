@@ -874,7 +874,9 @@ def make_pairs(args):
     with open(index_file) as f:
         meta = json.load(f)
     if not meta["shards"]:
-        fail(f"{args.pairs} holds no finished shard", "--pairs", "rerun the sample.py --save_pairs command to finish it")
+        fail(
+            f"{args.pairs} holds no finished shard", "--pairs", "rerun the sample.py --save_pairs command to finish it"
+        )
     shards = [load_file(os.path.join(args.pairs, name)) for name in meta["shards"]]
     states = torch.cat([s["states"] for s in shards])
     pairs = torch.cat([states, torch.cat([s["x0"] for s in shards]).unsqueeze(1)], dim=1)
@@ -1642,15 +1644,20 @@ def checkpoints(out_dir):
     return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}", d))
 
 
+def run_files(out_dir):
+    """The files that make a directory a run's: its flags, metrics, samples, reports and checkpoints."""
+    names = ["args.json", "metrics.jsonl", "samples", "quality.md", "quality.png", "metrics.png"]
+    return [p for p in (os.path.join(out_dir, n) for n in names) if os.path.exists(p)] + checkpoints(out_dir)
+
+
 def prepare_run_dir(args, identity, master):
-    """Check --out_dir before anything loads and claim it for this run. Returns the checkpoint to resume or None.
-    A directory that holds another run's files is refused unless --resume (continue it: the saved args.json must
-    name the same `identity` flags) or --overwrite (its checkpoints, metrics and samples are removed)."""
+    """Check --out_dir before anything loads; nothing is written here (claim_run_dir does that once every input has
+    loaded). Returns the checkpoint to resume or None. A directory that holds another run's files is refused unless
+    --resume (continue it: the saved args.json must name the same `identity` flags) or --overwrite (start over)."""
     out = args.out_dir
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"{out} is a file", "--out_dir", "name a directory for the run")
-    run_files = ["args.json", "metrics.jsonl", "samples", "quality.md", "quality.png", "metrics.png"]
-    held = [p for p in (os.path.join(out, n) for n in run_files) if os.path.exists(p)] + checkpoints(out)
+    held = run_files(out)
     ckpt = None
     if args.resume:
         for ckpt in reversed(checkpoints(out)):  # the newest complete one (a checkpoint always holds these two)
@@ -1670,10 +1677,19 @@ def prepare_run_dir(args, identity, master):
             print("resuming with changed flags: " + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))  # fmt: skip
     elif held and not args.overwrite:
         fail(f"{out} holds another run ({os.path.basename(held[0])})", "--out_dir", "continue it with --resume, replace it with --overwrite, or choose another --out_dir")  # fmt: skip
-    if dist.is_initialized():  # every process has looked before the first one writes
+    return ckpt
+
+
+def claim_run_dir(args, master):
+    """Make --out_dir this run's once every input has loaded, so that bad input never leaves a half-claimed
+    directory: --overwrite removes the earlier run's files only now, a checkpoint left half-written by a crash goes,
+    and a new run records its flags in args.json (each checkpoint also holds the flags it was written with)."""
+    if dist.is_initialized():  # every process has checked the directory before the first one writes
         dist.barrier()
+    out = args.out_dir
     if not master:
-        return ckpt
+        return
+    held = run_files(out)
     if held and not args.resume:
         for path in held:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -1682,9 +1698,8 @@ def prepare_run_dir(args, identity, master):
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
         print(f"removed {stale}, a checkpoint left unfinished by a crash")
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-    if not args.resume:  # the run's flags as started; each checkpoint holds the flags it was written with
+    if not args.resume:
         write_atomic(os.path.join(out, "args.json"), json.dumps(vars(args) | {"script": os.path.basename(__file__)}, indent=1).encode())  # fmt: skip
-    return ckpt
 
 
 def write_atomic(path, data):
@@ -1788,7 +1803,7 @@ def main(args):
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     master = rank == 0
-    ckpt = prepare_run_dir(args, RUN_IDENTITY, master)  # before anything loads: the run directory is this run's
+    ckpt = prepare_run_dir(args, RUN_IDENTITY, master)  # before anything loads; nothing written yet
     if master:
         print(json.dumps(vars(args)))
 
@@ -1923,6 +1938,7 @@ def main(args):
         import toy
 
         classifier = toy.load_classifier().to(device)
+    claim_run_dir(args, master)  # every input has loaded: from here on the directory is this run's
     log = open_metrics(args.out_dir, start) if master else None
     wandb = None
     if args.wandb and master:

@@ -1054,15 +1054,20 @@ def checkpoints(out_dir):
     return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}", d))
 
 
+def run_files(out_dir):
+    """The files that make a directory a run's: its flags, metrics, samples, reports and checkpoints."""
+    names = ["args.json", "metrics.jsonl", "samples", "quality.md", "quality.png", "metrics.png"]
+    return [p for p in (os.path.join(out_dir, n) for n in names) if os.path.exists(p)] + checkpoints(out_dir)
+
+
 def prepare_run_dir(args, identity, master):
-    """Check --out_dir before anything loads and claim it for this run. Returns the checkpoint to resume or None.
-    A directory that holds another run's files is refused unless --resume (continue it: the saved args.json must
-    name the same `identity` flags) or --overwrite (its checkpoints, metrics and samples are removed)."""
+    """Check --out_dir before anything loads; nothing is written here (claim_run_dir does that once every input has
+    loaded). Returns the checkpoint to resume or None. A directory that holds another run's files is refused unless
+    --resume (continue it: the saved args.json must name the same `identity` flags) or --overwrite (start over)."""
     out = args.out_dir
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"{out} is a file", "--out_dir", "name a directory for the run")
-    run_files = ["args.json", "metrics.jsonl", "samples", "quality.md", "quality.png", "metrics.png"]
-    held = [p for p in (os.path.join(out, n) for n in run_files) if os.path.exists(p)] + checkpoints(out)
+    held = run_files(out)
     ckpt = None
     if args.resume:
         for ckpt in reversed(checkpoints(out)):  # the newest complete one (a checkpoint always holds these two)
@@ -1082,10 +1087,19 @@ def prepare_run_dir(args, identity, master):
             print("resuming with changed flags: " + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))  # fmt: skip
     elif held and not args.overwrite:
         fail(f"{out} holds another run ({os.path.basename(held[0])})", "--out_dir", "continue it with --resume, replace it with --overwrite, or choose another --out_dir")  # fmt: skip
-    if dist.is_initialized():  # every process has looked before the first one writes
+    return ckpt
+
+
+def claim_run_dir(args, master):
+    """Make --out_dir this run's once every input has loaded, so that bad input never leaves a half-claimed
+    directory: --overwrite removes the earlier run's files only now, a checkpoint left half-written by a crash goes,
+    and a new run records its flags in args.json (each checkpoint also holds the flags it was written with)."""
+    if dist.is_initialized():  # every process has checked the directory before the first one writes
         dist.barrier()
+    out = args.out_dir
     if not master:
-        return ckpt
+        return
+    held = run_files(out)
     if held and not args.resume:
         for path in held:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -1094,9 +1108,8 @@ def prepare_run_dir(args, identity, master):
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
         print(f"removed {stale}, a checkpoint left unfinished by a crash")
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-    if not args.resume:  # the run's flags as started; each checkpoint holds the flags it was written with
+    if not args.resume:
         write_atomic(os.path.join(out, "args.json"), json.dumps(vars(args) | {"script": os.path.basename(__file__)}, indent=1).encode())  # fmt: skip
-    return ckpt
 
 
 def write_atomic(path, data):
@@ -1202,29 +1215,7 @@ def load_teacher(args, module, Net, pretrained, load_weights):
     return loaded.cfg, loaded.state_dict()
 
 
-def release_run_dir(out_dir):
-    """Give back a run directory claimed by a run that stopped on bad input before it trained: its args.json, an
-    empty samples/ and the directory itself if nothing else is left (caches stay: they record what they hold)."""
-    with contextlib.suppress(OSError):
-        os.remove(os.path.join(out_dir, "args.json"))
-        os.rmdir(os.path.join(out_dir, "samples"))
-        os.rmdir(out_dir)
-
-
 def main(args):
-    """Train as `args` say and return the student (None with --make_pairs, which writes teacher pairs and stops). Bad
-    input found once the run directory is claimed (a file that does not load) hands a new run's directory back, so the
-    same command runs once the input is fixed."""
-    progress = {"new_run_dir": False}
-    try:
-        return train(args, progress)
-    except SystemExit as e:
-        if e.code == 2 and progress["new_run_dir"] and int(os.environ.get("RANK", "0")) == 0:
-            release_run_dir(args.out_dir)
-        raise
-
-
-def train(args, progress):
     # Distributed setup: torchrun sets these; a plain `python` run is one process.
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed:
@@ -1269,8 +1260,7 @@ def train(args, progress):
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             fail(f"{args.out_dir} is a file", "--out_dir", "name a directory for the text cache")
     else:
-        ckpt = prepare_run_dir(args, RUN_IDENTITY, master)  # before anything loads: the run directory is this run's
-        progress["new_run_dir"] = not args.resume
+        ckpt = prepare_run_dir(args, RUN_IDENTITY, master)  # before anything loads; nothing written yet
     if master:
         print(json.dumps(vars(args)))
 
@@ -1411,8 +1401,8 @@ def train(args, progress):
         reference = teacher_sample(module, teacher, eval_noise, eval_cond, eval_uncond, args, args.teacher_steps)[0].float()  # fmt: skip
         vae = vae or make_vae(args, latent_channels)
         vae = vae.to(device)
+    claim_run_dir(args, master)  # every input has loaded: from here on the directory is this run's
     log = open_metrics(args.out_dir, start) if master else None
-    progress["new_run_dir"] = False  # from here on the directory holds what this run wrote
     wandb = None
     if args.wandb and master:
         import wandb

@@ -393,6 +393,18 @@ def test_bad_data_is_named(tmp_path, capsys, kind, words):
     data = make_data(kind, tmp_path)
     code, err = run([*TINY, "--data", str(data), "--max_steps", "4", "--batch_size", "4", "--out_dir", str(tmp_path / "run")], capsys)  # fmt: skip
     assert_clean_error(code, err, "--data", *words)
+    if kind != "fake_png":  # found before the run starts: the directory stays unclaimed for the fixed command
+        assert not (tmp_path / "run" / "args.json").exists()
+
+
+def test_overwrite_with_bad_input_keeps_the_earlier_run(finished_run, tmp_path, capsys):
+    """--overwrite removes the earlier run only once every input has loaded."""
+    out = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(out)
+    data = make_data("empty", tmp_path)
+    code, err = run([*TINY, "--data", str(data), "--max_steps", "1", "--out_dir", str(out), "--overwrite"], capsys)
+    assert_clean_error(code, err, "--data")
+    assert snapshot(out) == before
 
 
 def test_a_missing_teacher_is_one_line(tmp_path):

@@ -91,7 +91,7 @@ RUN_SAFETY = [
     "fail", "check_flag_ranges", "split_batch", "checkpoints", "prepare_run_dir", "claim_run_dir", "write_atomic",
     "open_metrics", "all_finite", "nonfinite_tensors", "save_checkpoint",
 ]  # fmt: skip
-SCRIPT_COPIES = [("train_edm", script, RUN_SAFETY) for script in ("train_flux", "train_wan_causal", "train_video")]
+SCRIPT_COPIES = [("train_edm", script, RUN_SAFETY) for script in ("train_flux", "train_wan_causal")]
 
 
 @pytest.mark.parametrize("original, copy, name", [(o, c, n) for o, c, names in SCRIPT_COPIES for n in names])
