@@ -704,6 +704,9 @@ def parse_args(argv=None):
         fail("DiT/SiT have no dropout", "--dropout", "drop --dropout")
     if args.method == "fdistill" and args.gan_weight <= 0:
         fail("--method fdistill reads the density ratio off the GAN heads", "--gan_weight", "give --gan_weight > 0")
+    augment_dim(args.augment)  # the transforms exist
+    if args.dropout_resolutions and args.model != "edm2":
+        fail("--dropout_resolutions is for --model edm2", "--dropout_resolutions", "drop it: EDM's networks drop out at every resolution")  # fmt: skip
     if args.method == "kd" and args.xflip:
         fail("--xflip would flip the teacher's outputs but not its inputs", "--xflip", "drop it for --method kd")
     if args.tiny:  # the same code path at CPU size
@@ -912,9 +915,7 @@ def augment_dim(names):
     names = [n for n in names.split(",") if n]
     unknown = sorted(set(names) - set(AUGMENTS))
     if unknown:
-        raise SystemExit(
-            f"error: unknown --augment transform(s) {', '.join(unknown)}; choose from {', '.join(AUGMENTS)}"
-        )
+        fail(f"unknown transform(s) {', '.join(unknown)}", "--augment", f"choose from {', '.join(AUGMENTS)}")
     return sum(AUGMENTS[n] for n in AUGMENTS if n in names)
 
 
@@ -1055,7 +1056,7 @@ class AugmentLabels:
             return None
         width = model.cfg.augment_dim
         if self.labels.shape[1] > width:
-            raise SystemExit(f"error: --augment labels have {self.labels.shape[1]} columns; the network takes {width} (augment_dim)")  # fmt: skip
+            fail(f"the augment labels have {self.labels.shape[1]} columns, the network takes {width}", "--augment", "choose transforms that fit the network's augment_dim")  # fmt: skip
         return args, kwargs | {"augment_labels": F.pad(self.labels, (0, width - self.labels.shape[1])).to(args[0].dtype)}  # fmt: skip
 
     @contextlib.contextmanager
@@ -1192,7 +1193,7 @@ def stage_one_step(args):
     with safe_open(args.stage1, framework="pt") as f:
         step = (f.metadata() or {}).get("step")
     if step is None:
-        raise SystemExit(f"error: {args.stage1} records no training step (--stage1); give --ct_start_step, stage one's last step")  # fmt: skip
+        fail(f"{args.stage1} records no training step", "--stage1", "give --ct_start_step, stage one's last step")
     return int(step)
 
 
@@ -1201,7 +1202,7 @@ def dropout_resolutions(args):
     if not args.dropout_resolutions:
         return {}
     if args.model != "edm2":
-        raise SystemExit("error: --dropout_resolutions is for --model edm2 (EDM's networks drop out everywhere)")
+        fail("--dropout_resolutions is for --model edm2", "--dropout_resolutions", "drop it: EDM's networks drop out at every resolution")  # fmt: skip
     return {"dropout_resolutions": tuple(int(r) for r in args.dropout_resolutions.split(","))}
 
 
@@ -2045,7 +2046,9 @@ def main(args):
             edm2.forced_weight_normalization(student if generator_step else fake)
         with torch.no_grad():  # every step taken, critic steps included, as FastGen's EMA callback does
             for spec, ema in zip(args.ema.split(",") if step_taken else [], emas.values()):
-                beta = ema_beta(spec, step + 1)
+                beta = ema_beta(
+                    spec, step + 1 + (args.ct_start_step or 0)
+                )  # tcm: power EMAs continue stage one's count
                 for p_ema, p in zip(ema.parameters(), student.parameters()):
                     p_ema.lerp_(p.detach(), 1 - beta)
                 for b_ema, b in zip(ema.buffers(), student.buffers()):

@@ -36,7 +36,7 @@ def tiny_edm(**overrides):
 # TCM: stage two continues the consistency schedule where stage one stopped
 
 
-def test_tcm_starts_at_the_stage_one_ratio(tmp_path):
+def test_tcm_starts_at_the_stage_one_ratio(tmp_path, capsys):
     stage1 = str(tmp_path / "student.safetensors")
     save_file({"w": torch.zeros(1)}, stage1, metadata={"step": "350000"})
     args = args_for("tcm", stage1=stage1, ct_kimg_per_stage=1000, batch_size=1024)
@@ -51,8 +51,9 @@ def test_tcm_starts_at_the_stage_one_ratio(tmp_path):
     # The flag overrides the checkpoint; a checkpoint without a step is an error that names the flag.
     assert train_edm.stage_one_step(args_for("tcm", "--ct_start_step", "7", stage1=stage1)) == 7
     save_file({"w": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
-    with pytest.raises(SystemExit, match="--ct_start_step"):
+    with pytest.raises(SystemExit) as e:
         train_edm.stage_one_step(args_for("tcm", stage1=str(tmp_path / "bare.safetensors")))
+    assert e.value.code == 2 and "--ct_start_step" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def test_fastgen_augmentation_presets():
 # EDM2 dropout resolutions, approximate R1, the fake score's space
 
 
-def test_edm2_dropout_acts_at_the_given_resolutions_only():
+def test_edm2_dropout_acts_at_the_given_resolutions_only(capsys):
     args = args_for("cm", "--preset", "cm-imagenet64-edm2")
     overrides = train_edm.dropout_resolutions(args)
     assert overrides == {"dropout_resolutions": (16, 8)}
@@ -223,8 +224,9 @@ def test_edm2_dropout_acts_at_the_given_resolutions_only():
     rates = {m.dropout for name, m in net.named_modules() if hasattr(m, "dropout") and "4x4" in name}
     assert rates == {0.4}
     assert {m.dropout for name, m in net.named_modules() if hasattr(m, "dropout") and "8x8" in name} == {0.0}
-    with pytest.raises(SystemExit, match="edm2"):
+    with pytest.raises(SystemExit) as e:  # refused as the flags are parsed, before anything loads
         train_edm.dropout_resolutions(args_for("cm", "--dropout_resolutions", "16"))
+    assert e.value.code == 2 and "--model edm2" in capsys.readouterr().err
 
 
 class Probe(torch.nn.Module):
