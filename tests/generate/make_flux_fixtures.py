@@ -32,6 +32,8 @@ from safetensors.torch import save_file
 def import_diffusers():
     try:
         import torchvision  # noqa: F401
+    except ModuleNotFoundError:
+        pass  # absent: transformers and diffusers do without it
     except RuntimeError:
         # A torchvision built for CUDA next to a CPU-only torch fails to register two operators; diffusers' loaders
         # import transformers, which imports torchvision. Declaring the two operators lets the import through.
