@@ -252,30 +252,34 @@ def text_ids(length, device=None):
 
 
 def timestep_features(t, dim=256, max_period=10000):
-    """Sinusoidal features [cos | sin] of a scalar per sample, frequencies max_period^(-i / (dim / 2)), float32."""
+    """Sinusoidal features [cos | sin] of a scalar per sample, frequencies max_period^(-i / (dim / 2)), in float32 as
+    the reference computes them, or in float64 for float64 t (a float64 model runs in float64 throughout)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None]
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    angles = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
-def rope_tables(ids, axes_dims, theta=10000.0):
+def rope_tables(ids, axes_dims, theta=10000.0, dtype=torch.float32):
     """cos and sin (N, head dim) of the rotation angles, each axis of the ids rotating its own slice of the head dims;
     every angle is repeated for its (even, odd) pair. Angles in float64: positions up to ~128 times frequencies near
-    1 lose digits in float32."""
+    1 lose digits in float32. The tables come back in `dtype`: float32 as the reference, float64 for a float64 model."""
     angles = []
     for axis, dim in enumerate(axes_dims):
         freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
         angles.append(ids[:, axis].double()[:, None] * freqs[None])
     angles = torch.cat(angles, dim=1)  # (N, head dim / 2)
-    return angles.cos().repeat_interleave(2, dim=1).float(), angles.sin().repeat_interleave(2, dim=1).float()
+    return angles.cos().repeat_interleave(2, dim=1).to(dtype), angles.sin().repeat_interleave(2, dim=1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the (even, odd) pairs of x (B, N, heads, D) by the angles: (a, b) -> (a cos - b sin, b cos + a sin)."""
-    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    """Rotate the (even, odd) pairs of x (B, N, heads, D) by the angles: (a, b) -> (a cos - b sin, b cos + a sin),
+    in float32 at least (float64 for float64 x)."""
+    x_up = x.to(torch.promote_types(x.dtype, cos.dtype))
+    a, b = x_up.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-b, a], dim=-1).flatten(-2)
-    return (x.float() * cos[None, :, None] + rotated * sin[None, :, None]).to(x.dtype)
+    return (x_up * cos[None, :, None] + rotated * sin[None, :, None]).to(x.dtype)
 
 
 class MLPEmbedder(nn.Module):
@@ -301,11 +305,12 @@ class TimeTextEmbedding(nn.Module):
 
     def forward(self, t, guidance, pooled):
         dtype = self.timestep_embedder.linear_1.weight.dtype
-        # NOTE: the scaling by 1000 runs in float32 here; diffusers and BFL round t to the model dtype first (visible
-        # in bfloat16 only).
-        emb = self.timestep_embedder(timestep_features(t.float() * 1000).to(dtype))
+        # NOTE: the scaling by 1000 runs in float32 here (float64 in a float64 model); diffusers and BFL round t to the
+        # model dtype first (visible in bfloat16 only).
+        math_dtype = torch.promote_types(dtype, torch.float32)
+        emb = self.timestep_embedder(timestep_features(t.to(math_dtype) * 1000).to(dtype))
         if self.guidance_embedder is not None:
-            emb = emb + self.guidance_embedder(timestep_features(guidance.float() * 1000).to(dtype))
+            emb = emb + self.guidance_embedder(timestep_features(guidance.to(math_dtype) * 1000).to(dtype))
         return emb + self.text_embedder(pooled)
 
 
@@ -475,15 +480,16 @@ class FluxModel(nn.Module):
         `features_only` only that list, without running the blocks after the last index.
         """
         B, C, H, W = x.shape
-        t = torch.as_tensor(t, device=x.device).float().expand(B)
+        math_dtype = torch.promote_types(x.dtype, torch.float32)  # time, guidance and RoPE: float32, float64 in float64
+        t = torch.as_tensor(t, device=x.device).to(math_dtype).expand(B)
         if self.cfg.guidance_embeds:
             guidance = torch.as_tensor(DEFAULT_GUIDANCE if guidance is None else guidance, device=x.device)
-            guidance = guidance.float().expand(B)
+            guidance = guidance.to(math_dtype).expand(B)
         elif guidance is not None:
             raise ValueError("this model has no guidance embedding (schnell); pass guidance=None")
         L = text.shape[1]
         ids = torch.cat([text_ids(L, x.device), image_ids(H // 2, W // 2, x.device)])  # (L + N, 3)
-        cos, sin = rope_tables(ids, self.cfg.axes_dims_rope)
+        cos, sin = rope_tables(ids, self.cfg.axes_dims_rope, dtype=math_dtype)
 
         img = self.x_embedder(pack(x))  # (B, N, dim), N = H W / 4
         txt = self.context_embedder(text)  # (B, L, dim)

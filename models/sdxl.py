@@ -215,12 +215,13 @@ def leading_timesteps(steps):
 # Building blocks
 
 
-def timestep_features(t, dim):
-    """Sinusoidal features [cos | sin] of t (B,) with frequencies 10000^(-i / (dim / 2)): (B, dim), float32 as the
-    release computed them (at t near 1000 the rounding of the angles is visible in the output)."""
+def timestep_features(t, dim, dtype=torch.float32):
+    """Sinusoidal features [cos | sin] of t (B,) with frequencies 10000^(-i / (dim / 2)): (B, dim), in float32 as the
+    release computed them (at t near 1000 the rounding of the angles is visible in the output); a float64 model asks
+    for float64."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    angles = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
@@ -512,8 +513,11 @@ class UNet(nn.Module):
         """
         B = x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(B)
-        emb = self.time_embedding(timestep_features(t, self.cfg.block_out_channels[0]).to(x.dtype))  # (B, 4 C0)
-        micro = timestep_features(time_ids.flatten(), self.cfg.addition_time_embed_dim).reshape(B, -1)  # (B, 6 D)
+        math_dtype = torch.promote_types(x.dtype, torch.float32)  # the time features: float32, float64 in float64
+        time_features = timestep_features(t, self.cfg.block_out_channels[0], math_dtype)
+        emb = self.time_embedding(time_features.to(x.dtype))  # (B, 4 C0)
+        D = self.cfg.addition_time_embed_dim
+        micro = timestep_features(time_ids.flatten(), D, math_dtype).reshape(B, -1)  # (B, 6 D)
         emb = emb + self.add_embedding(torch.cat([pooled.to(x.dtype), micro.to(x.dtype)], dim=1))
         bias = _text_bias(text_mask, x.dtype)
 

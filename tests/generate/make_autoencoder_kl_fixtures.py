@@ -1,7 +1,7 @@
 """Write the AutoencoderKL key manifests and golden-parity fixtures from diffusers' AutoencoderKL.
 
     pip install diffusers   # with requirements-dev.txt
-    python tests/generate/make_autoencoder_kl_fixtures.py
+    python tests/generate/make_autoencoder_kl_fixtures.py [--keep-float32]
 
 Outputs (committed; the tests need only torch and safetensors):
   tests/manifests/autoencoder_kl-sd.json     state_dict keys and shapes of the SD1.5 autoencoder, which are also those of
@@ -12,15 +12,30 @@ Outputs (committed; the tests need only torch and safetensors):
                                              an input image and diffusers' posterior mean and log-variance, a posterior
                                              sample drawn with a seeded generator, and the decoded posterior mean; the
                                              metadata holds the model's config.json
+Every output is there twice: from the reference in float32 (`output.mean`) and in float64 on the same weights and
+input (`output.mean.f64`, see reference64.py; diffusers' AutoencoderKL has no float32 islands, the posterior sample
+is drawn in float64 there). --keep-float32 adds the float64 outputs to the committed fixtures and keeps everything
+else as committed.
 """
 
+import copy
 import json
 import math
 import os
+import sys
 
+import reference64
 import torch
-from diffusers import AutoencoderKL
-from safetensors.torch import save_file
+from reference64 import FLOAT64
+
+# transformers (imported by diffusers' model loaders) pulls in torchvision when it finds one; a torchvision built for
+# another torch fails to import. None in sys.modules makes it look absent.
+try:
+    import torchvision  # noqa: F401
+except Exception:
+    sys.modules["torchvision"] = None
+
+from diffusers import AutoencoderKL  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -94,7 +109,19 @@ def randomize(net, generator):
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator))
 
 
+def run(vae, tensors, image, suffix):
+    """diffusers' posterior mean, log-variance and a seeded sample of image, and the decoded mean, into tensors."""
+    with torch.no_grad():
+        posterior = vae.encode(image).latent_dist
+        tensors["output.mean" + suffix] = posterior.mean
+        tensors["output.logvar" + suffix] = posterior.logvar
+        tensors["output.sample" + suffix] = posterior.sample(generator=torch.Generator().manual_seed(7))
+        tensors["output.decoded" + suffix] = vae.decode(posterior.mean).sample
+    return posterior
+
+
 def main():
+    keep_float32 = "--keep-float32" in sys.argv[1:]
     sd = manifest(SD)
     assert manifest(SDXL) == sd, "SDXL's autoencoder should have the SD1.5 layout"
     for name, keys in (("sd", sd), ("flux", manifest(FLUX))):
@@ -109,17 +136,15 @@ def main():
         randomize(vae, g)
         tensors = dict(vae.state_dict())
         image = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
-        with torch.no_grad():
-            posterior = vae.encode(image).latent_dist
-            tensors["input.image"] = image
-            tensors["output.mean"] = posterior.mean
-            tensors["output.logvar"] = posterior.logvar
-            tensors["output.sample"] = posterior.sample(generator=torch.Generator().manual_seed(7))
-            tensors["output.decoded"] = vae.decode(posterior.mean).sample
+        tensors["input.image"] = image
+        posterior = run(vae, tensors, image, "")
+        vae64, image64 = copy.deepcopy(vae).double(), image.double()  # weights and input exact in float64
+        with reference64.float64():  # no float32 anywhere
+            run(vae64, tensors, image64, FLOAT64)
         path = os.path.join(TESTS, "fixtures", f"autoencoder_kl_{name}.safetensors")
         metadata = {"generator": "tests/generate/make_autoencoder_kl_fixtures.py", "config": vae.to_json_string()}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
-        print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB, latents {tuple(posterior.mean.shape)}")
+        print(f"latents {tuple(posterior.mean.shape)}")
+        reference64.save_fixture(path, tensors, metadata, keep_float32)
 
 
 if __name__ == "__main__":

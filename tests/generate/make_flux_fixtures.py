@@ -2,7 +2,7 @@
 FlowMatchEulerDiscreteScheduler.
 
     pip install diffusers transformers   # with requirements-dev.txt
-    python tests/generate/make_flux_fixtures.py
+    python tests/generate/make_flux_fixtures.py [--keep-float32]
 
 Outputs (committed; the tests need only torch and safetensors):
   tests/manifests/flux-dev.json, flux-schnell.json
@@ -16,22 +16,29 @@ Outputs (committed; the tests need only torch and safetensors):
         embeddings; calculate_shift values and the scheduler's shifted sigmas for a few step counts and sequence lengths
   tests/fixtures/flux_tiny_schnell.safetensors
         the same for a 1 + 1 block transformer without guidance embedding: weights, inputs, output
+Every output is there twice: from the reference in float32 (`output.flow`) and in float64 on the same weights and
+inputs (`output.flow.f64`, see reference64.py: diffusers' float32 timestep features, RoPE and scheduler run in float64
+there). --keep-float32 adds the float64 outputs to the committed fixtures and keeps everything else as committed.
 The metadata of each fixture holds the model's config.json.
 """
 
+import copy
 import json
 import math
 import os
 import sys
 
 import numpy as np
+import reference64
 import torch
-from safetensors.torch import save_file
+from reference64 import FLOAT64
 
 
 def import_diffusers():
     try:
         import torchvision  # noqa: F401
+    except ModuleNotFoundError:
+        pass  # absent: transformers and diffusers do without it
     except RuntimeError:
         # A torchvision built for CUDA next to a CPU-only torch fails to register two operators; diffusers' loaders
         # import transformers, which imports torchvision. Declaring the two operators lets the import through.
@@ -42,6 +49,7 @@ def import_diffusers():
         for name in [m for m in sys.modules if m.startswith("torchvision")]:
             del sys.modules[name]
     import diffusers
+    import diffusers.models.transformers.transformer_flux  # noqa: F401
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 
     return diffusers, FluxPipeline, calculate_shift
@@ -112,7 +120,51 @@ def inputs(config, generator, batch=2, height=8, width=12, text_len=7):
     }
 
 
+def float64_reference(diffusers):
+    """diffusers' Flux in float64: its float32 islands (timestep features, RoPE tables and rotation, the position
+    ids, the scheduler's tables, sigmas and step) swapped for float64 copies of the same source."""
+    embeddings, flux = diffusers.models.embeddings, diffusers.models.transformers.transformer_flux
+    return reference64.float64(
+        (embeddings, "get_timestep_embedding"),
+        (flux, "get_1d_rotary_pos_embed"),
+        (flux, "apply_rotary_emb"),
+        (flux.FluxPosEmbed, "forward"),
+        (diffusers.FlowMatchEulerDiscreteScheduler, "__init__"),
+        (diffusers.FlowMatchEulerDiscreteScheduler, "set_timesteps"),
+        (diffusers.FlowMatchEulerDiscreteScheduler, "step"),
+    )
+
+
+def given(tensors, dtype):
+    """The fixture's inputs (input.*, sample.*) in dtype, float32 values exact in float64."""
+    return {k: v.to(dtype) for k, v in tensors.items() if k.startswith(("input.", "sample."))}
+
+
+def forward(net, tensors, x, FluxPipeline, suffix, features):
+    """The transformer on the inputs x: the unpacked output and (features) the image tokens after every block, into
+    tensors."""
+    B, C, H, W = x["input.latents"].shape
+    guidance = x["input.guidance"] if net.config.guidance_embeds else None
+    taps = []
+    hooks = [
+        block.register_forward_hook(lambda m, args, out, taps=taps: taps.append(out[1].detach().clone()))
+        for block in list(net.transformer_blocks) + list(net.single_transformer_blocks)
+    ]
+    with torch.no_grad():
+        packed = FluxPipeline._pack_latents(x["input.latents"], B, C, H, W)
+        out = net(
+            packed, x["input.text"], x["input.pooled"], x["input.t"], x["input.img_ids"], x["input.txt_ids"], guidance
+        ).sample
+    tensors["output.flow" + suffix] = FluxPipeline._unpack_latents(out, H * 8, W * 8, 8)  # the pipeline passes pixels
+    for hook in hooks:
+        hook.remove()
+    if features:
+        for i, tokens in enumerate(taps):  # image tokens (B, N, D) after block i
+            tensors[f"output.features.{i}{suffix}"] = tokens
+
+
 def main():
+    keep_float32 = "--keep-float32" in sys.argv[1:]
     diffusers, FluxPipeline, calculate_shift = import_diffusers()
     Model = diffusers.FluxTransformer2DModel
 
@@ -137,39 +189,37 @@ def main():
         img_ids = FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, "cpu", torch.float32)
         txt_ids = torch.zeros(L, 3)
         tensors["input.img_ids"], tensors["input.txt_ids"] = img_ids, txt_ids
-        guidance = x["input.guidance"] if config["guidance_embeds"] else None
 
-        taps = []
-        hooks = [
-            block.register_forward_hook(lambda m, args, out, taps=taps: taps.append(out[1].detach().clone()))
-            for block in list(net.transformer_blocks) + list(net.single_transformer_blocks)
-        ]
-        with torch.no_grad():
-            packed = FluxPipeline._pack_latents(x["input.latents"], B, C, H, W)
-            out = net(packed, x["input.text"], x["input.pooled"], x["input.t"], img_ids, txt_ids, guidance).sample
-        tensors["output.flow"] = FluxPipeline._unpack_latents(out, H * 8, W * 8, 8)  # the pipeline passes pixel sides
-        for hook in hooks:
-            hook.remove()
         if name == "flux_tiny":
-            for i, tokens in enumerate(taps):  # image tokens (B, N, D) after block i
-                tensors[f"output.features.{i}"] = tokens
-            sample_run(net, tensors, g, FluxPipeline, calculate_shift, diffusers)
-            schedule_values(tensors, calculate_shift, diffusers)
+            sample_inputs(tensors, g)
+        forward(net, tensors, given(tensors, torch.float32), FluxPipeline, "", features=name == "flux_tiny")
+        if name == "flux_tiny":
+            sample_run(net, tensors, given(tensors, torch.float32), FluxPipeline, calculate_shift, diffusers, "")
+            schedule_values(tensors, calculate_shift, diffusers, torch.float32, "")
+        # The same in float64: weights and inputs cast (exactly), then no float32 anywhere.
+        net64, x64 = copy.deepcopy(net).double(), given(tensors, torch.float64)
+        with float64_reference(diffusers):
+            forward(net64, tensors, x64, FluxPipeline, FLOAT64, features=name == "flux_tiny")
+            if name == "flux_tiny":
+                sample_run(net64, tensors, x64, FluxPipeline, calculate_shift, diffusers, FLOAT64)
+                schedule_values(tensors, calculate_shift, diffusers, torch.float64, FLOAT64)
 
         path = os.path.join(TESTS, "fixtures", f"{name}.safetensors")
         metadata = {"generator": "tests/generate/make_flux_fixtures.py", "config": net.to_json_string()}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
-        print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB")
+        reference64.save_fixture(path, tensors, metadata, keep_float32)
 
 
-def sample_run(net, tensors, g, FluxPipeline, calculate_shift, diffusers):
+def sample_inputs(tensors, g):
+    tensors["sample.noise"] = torch.randn(2, 16, 8, 12, generator=g)
+    tensors["sample.neg_text"] = torch.randn(2, 7, 32, generator=g)
+    tensors["sample.neg_pooled"] = torch.randn(2, 16, generator=g)
+
+
+def sample_run(net, tensors, x, FluxPipeline, calculate_shift, diffusers, suffix):
     """FluxPipeline.__call__'s denoising loop (3 steps, guidance 3.5, true CFG 2 on negative embeddings) without the
-    text encoders and the autoencoder: the same transformer calls and scheduler steps."""
-    noise = torch.randn(2, 16, 8, 12, generator=g)
-    neg_text = torch.randn(2, 7, 32, generator=g)
-    neg_pooled = torch.randn(2, 16, generator=g)
-    text, pooled = tensors["input.text"], tensors["input.pooled"]
-    img_ids, txt_ids = tensors["input.img_ids"], tensors["input.txt_ids"]
+    text encoders and the autoencoder: the same transformer calls and scheduler steps, on the inputs x."""
+    noise, neg_text, neg_pooled = x["sample.noise"], x["sample.neg_text"], x["sample.neg_pooled"]
+    text, pooled, img_ids, txt_ids = x["input.text"], x["input.pooled"], x["input.img_ids"], x["input.txt_ids"]
     B, C, H, W = noise.shape
     latents = FluxPipeline._pack_latents(noise, B, C, H, W)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER)
@@ -177,7 +227,7 @@ def sample_run(net, tensors, g, FluxPipeline, calculate_shift, diffusers):
     sigmas = np.linspace(1.0, 1 / steps, steps)
     mu = calculate_shift(latents.shape[1], 256, 4096, 0.5, 1.15)
     scheduler.set_timesteps(sigmas=sigmas, mu=mu)
-    guidance = torch.full([1], 3.5).expand(B)
+    guidance = torch.full([1], 3.5, dtype=noise.dtype).expand(B)
     with torch.no_grad():
         for t in scheduler.timesteps:
             timestep = t.expand(B)
@@ -185,20 +235,22 @@ def sample_run(net, tensors, g, FluxPipeline, calculate_shift, diffusers):
             neg = net(latents, neg_text, neg_pooled, timestep / 1000, img_ids, txt_ids, guidance, return_dict=False)[0]
             flow = neg + 2.0 * (cond - neg)
             latents = scheduler.step(flow, t, latents, return_dict=False)[0]
-    tensors["sample.noise"], tensors["sample.neg_text"], tensors["sample.neg_pooled"] = noise, neg_text, neg_pooled
-    tensors["sample.times"] = scheduler.sigmas
-    tensors["sample.latents"] = FluxPipeline._unpack_latents(latents, H * 8, W * 8, 8)
+    tensors["sample.times" + suffix] = scheduler.sigmas
+    tensors["sample.latents" + suffix] = FluxPipeline._unpack_latents(latents, H * 8, W * 8, 8)
 
 
-def schedule_values(tensors, calculate_shift, diffusers):
+def schedule_values(tensors, calculate_shift, diffusers, dtype, suffix):
     seq_lens = [16, 256, 1024, 4096, 6000]
-    tensors["schedule.seq_lens"] = torch.tensor(seq_lens, dtype=torch.float64)
-    tensors["schedule.mu"] = torch.tensor([calculate_shift(n, 256, 4096, 0.5, 1.15) for n in seq_lens])
+    if not suffix:
+        tensors["schedule.seq_lens"] = torch.tensor(seq_lens, dtype=torch.float64)
+    tensors["schedule.mu" + suffix] = torch.tensor(
+        [calculate_shift(n, 256, 4096, 0.5, 1.15) for n in seq_lens], dtype=dtype
+    )
     for steps, seq_len in ((1, 256), (4, 1024), (28, 4096), (50, 6000)):
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER)
         sigmas = np.linspace(1.0, 1 / steps, steps)
         scheduler.set_timesteps(sigmas=sigmas, mu=calculate_shift(seq_len, 256, 4096, 0.5, 1.15))
-        tensors[f"schedule.sigmas.{steps}.{seq_len}"] = scheduler.sigmas
+        tensors[f"schedule.sigmas.{steps}.{seq_len}{suffix}"] = scheduler.sigmas
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Write the SD1.5 UNet key manifest and golden-parity fixture from diffusers' UNet2DConditionModel and DDIMScheduler.
 
     pip install diffusers   # with requirements-dev.txt
-    python tests/generate/make_sd15_fixtures.py
+    python tests/generate/make_sd15_fixtures.py [--keep-float32]
 
 Outputs (committed; the tests need only torch and safetensors):
   tests/manifests/sd15-unet.json   state_dict keys and shapes of the SD1.5 UNet (unet/config.json of the release, built
@@ -14,14 +14,20 @@ Outputs (committed; the tests need only torch and safetensors):
                                    down-block and mid-block outputs (FastGen's feature taps), the scheduler's
                                    alphas_cumprod and 50-step timesteps, and a 3-step DDIM run with classifier-free
                                    guidance; the metadata holds the UNet's and the scheduler's config.json
+Every output is there twice: from the reference in float32 (`output.eps`) and in float64 on the same weights and
+inputs (`output.eps.f64`, see reference64.py: diffusers' float32 timestep features and scheduler table run in float64
+there). --keep-float32 adds the float64 outputs to the committed fixture and keeps everything else as committed.
 """
 
+import copy
 import json
 import math
 import os
 import sys
 
+import reference64
 import torch
+from reference64 import FLOAT64
 
 # transformers (imported by diffusers' UNet loaders) pulls in torchvision when it finds one; a torchvision built for
 # another torch fails to import. None in sys.modules makes it look absent.
@@ -30,8 +36,8 @@ try:
 except Exception:
     sys.modules["torchvision"] = None
 
+import diffusers.models.embeddings  # noqa: E402
 from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -69,6 +75,7 @@ SCHEDULER = dict(
     trained_betas=None,
     clip_sample=False,
 )
+GUIDANCE = 7.5  # classifier-free guidance of the 3-step DDIM run
 TINY = dict(
     sample_size=8,
     block_out_channels=[16, 32, 32],
@@ -94,16 +101,56 @@ def randomize(net, generator):
             p.copy_(p.half().float())
 
 
-def taps(unet):
+def taps(unet, suffix):
     """Forward hooks that record each down block's and the mid block's output (FastGen's feature indices)."""
     out = {}
     for i, block in enumerate(unet.down_blocks):
-        block.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(f"output.feature.{i}", o[0]))
-    unet.mid_block.register_forward_hook(lambda m, a, o: out.__setitem__("output.feature.mid", o))
+        block.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(f"output.feature.{i}{suffix}", o[0]))
+    unet.mid_block.register_forward_hook(lambda m, a, o: out.__setitem__("output.feature.mid" + suffix, o))
     return out
 
 
+def float64_reference():
+    """diffusers' UNet and DDIMScheduler in float64: their float32 islands (the timestep features, the scheduler's
+    beta table) swapped for float64 copies of the same source."""
+    return reference64.float64(
+        (diffusers.models.embeddings, "get_timestep_embedding"),
+        (DDIMScheduler, "__init__"),
+    )
+
+
+def run(unet, tensors, x, suffix):
+    """diffusers' outputs on the inputs x: without and with the mask, on the odd latent, the feature taps, the
+    scheduler's table and a 3-step DDIM run with guidance, into tensors (names ending in suffix)."""
+    features = taps(unet, suffix)
+    with torch.no_grad():
+        tensors["output.eps" + suffix] = unet(x["input.x"], x["input.t"], x["input.text"]).sample
+        tensors.update(features)
+        masked = unet(x["input.x"], x["input.t"], x["input.text"], encoder_attention_mask=x["input.mask"]).sample
+        tensors["output.eps_masked" + suffix] = masked
+        t_odd = torch.tensor([500.0], dtype=x["input.odd"].dtype)
+        tensors["output.eps_odd" + suffix] = unet(x["input.odd"], t_odd, x["input.text"][:1]).sample
+
+        scheduler = DDIMScheduler.from_config(SCHEDULER)
+        tensors["schedule.alphas_cumprod" + suffix] = scheduler.alphas_cumprod
+        scheduler.set_timesteps(50)
+        if not suffix:
+            tensors["schedule.timesteps_50"] = scheduler.timesteps
+        scheduler.set_timesteps(3)
+        latents = x["input.noise"] * scheduler.init_noise_sigma
+        null, text = x["input.null"], x["input.text"]
+        for step in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), step)
+            uncond, cond = unet(model_in, step, torch.cat([null, text])).sample.chunk(2)
+            latents = scheduler.step(uncond + GUIDANCE * (cond - uncond), step, latents).prev_sample
+        tensors["output.ddim_3" + suffix] = latents
+        if not suffix:
+            tensors["schedule.timesteps_3"] = scheduler.timesteps
+    return scheduler
+
+
 def main():
+    keep_float32 = "--keep-float32" in sys.argv[1:]
     with torch.device("meta"):
         full = UNet2DConditionModel(**SD15)
     keys = {k: list(v.shape) for k, v in full.state_dict().items()}
@@ -126,35 +173,21 @@ def main():
     tensors.update({"input.x": x, "input.t": t, "input.text": text, "input.mask": mask, "input.odd": odd})
     tensors.update({"input.null": null.contiguous(), "input.noise": noise})
 
-    features = taps(unet)
-    with torch.no_grad():
-        tensors["output.eps"] = unet(x, t, text).sample
-        tensors.update(features)
-        tensors["output.eps_masked"] = unet(x, t, text, encoder_attention_mask=mask).sample
-        tensors["output.eps_odd"] = unet(odd, torch.tensor([500.0]), text[:1]).sample
-
-        scheduler = DDIMScheduler.from_config(SCHEDULER)
-        tensors["schedule.alphas_cumprod"] = scheduler.alphas_cumprod
-        scheduler.set_timesteps(50)
-        tensors["schedule.timesteps_50"] = scheduler.timesteps
-        scheduler.set_timesteps(3)
-        guidance, latents = 7.5, noise * scheduler.init_noise_sigma
-        for step in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), step)
-            uncond, cond = unet(model_in, step, torch.cat([null, text])).sample.chunk(2)
-            latents = scheduler.step(uncond + guidance * (cond - uncond), step, latents).prev_sample
-        tensors["output.ddim_3"] = latents
-        tensors["schedule.timesteps_3"] = scheduler.timesteps
+    # The same in float64 below: weights and inputs cast (exactly), then no float32 anywhere.
+    unet64, x64 = copy.deepcopy(unet).double(), {k: v.double() for k, v in tensors.items() if k.startswith("input.")}
+    scheduler = run(unet, tensors, dict(tensors, **{"input.null": null}), "")
+    with float64_reference():
+        run(unet64, tensors, x64, FLOAT64)
 
     path = os.path.join(TESTS, "fixtures", "sd15_tiny.safetensors")
     metadata = {
         "generator": "tests/generate/make_sd15_fixtures.py",
         "config": unet.to_json_string(),
         "scheduler_config": json.dumps(SCHEDULER),
-        "guidance": str(guidance),
+        "guidance": str(GUIDANCE),
     }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
-    print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB, ddim timesteps {scheduler.timesteps.tolist()}")
+    print(f"ddim timesteps {scheduler.timesteps.tolist()}")
+    reference64.save_fixture(path, tensors, metadata, keep_float32)
 
 
 if __name__ == "__main__":

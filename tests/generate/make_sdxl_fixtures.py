@@ -2,7 +2,7 @@
 EulerDiscreteScheduler.
 
     pip install diffusers   # with requirements-dev.txt
-    python tests/generate/make_sdxl_fixtures.py
+    python tests/generate/make_sdxl_fixtures.py [--keep-float32]
 
 Outputs (committed; the tests need only torch and safetensors):
   tests/manifests/sdxl-unet.json   state_dict keys and shapes of the SDXL base 1.0 UNet (unet/config.json of the
@@ -16,14 +16,20 @@ Outputs (committed; the tests need only torch and safetensors):
                                    scheduler's alphas_cumprod, 50-step timesteps and sigmas, and a 3-step Euler run
                                    with classifier-free guidance; the metadata holds the UNet's and the scheduler's
                                    config.json
+Every output is there twice: from the reference in float32 (`output.eps`) and in float64 on the same weights and
+inputs (`output.eps.f64`, see reference64.py: diffusers' float32 timestep features and scheduler run in float64
+there). --keep-float32 adds the float64 outputs to the committed fixture and keeps everything else as committed.
 """
 
+import copy
 import json
 import math
 import os
 import sys
 
+import reference64
 import torch
+from reference64 import FLOAT64
 
 # transformers (imported by diffusers' UNet loaders) pulls in torchvision when it finds one; a torchvision built for
 # another torch fails to import. None in sys.modules makes it look absent.
@@ -32,8 +38,8 @@ try:
 except Exception:
     sys.modules["torchvision"] = None
 
+import diffusers.models.embeddings  # noqa: E402
 from diffusers import EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -104,6 +110,7 @@ SCHEDULER = dict(
     trained_betas=None,
     use_karras_sigmas=False,
 )
+GUIDANCE = 5.0  # classifier-free guidance of the 3-step Euler run
 TINY = dict(
     sample_size=8,
     block_out_channels=[16, 32, 32],
@@ -134,16 +141,62 @@ def randomize(net, generator):
             p.copy_(p.half().float())
 
 
-def taps(unet):
+def taps(unet, suffix):
     """Forward hooks that record each down block's and the mid block's output (FastGen's feature indices)."""
     out = {}
     for i, block in enumerate(unet.down_blocks):
-        block.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(f"output.feature.{i}", o[0]))
-    unet.mid_block.register_forward_hook(lambda m, a, o: out.__setitem__("output.feature.mid", o))
+        block.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(f"output.feature.{i}{suffix}", o[0]))
+    unet.mid_block.register_forward_hook(lambda m, a, o: out.__setitem__("output.feature.mid" + suffix, o))
     return out
 
 
+def float64_reference():
+    """diffusers' UNet and EulerDiscreteScheduler in float64: their float32 islands (the timestep and micro-conditioning
+    features, the scheduler's tables, sigmas and step) swapped for float64 copies of the same source."""
+    return reference64.float64(
+        (diffusers.models.embeddings, "get_timestep_embedding"),
+        (EulerDiscreteScheduler, "__init__"),
+        (EulerDiscreteScheduler, "set_timesteps"),
+        (EulerDiscreteScheduler, "step"),
+    )
+
+
+def run(unet, tensors, x, suffix):
+    """diffusers' outputs on the inputs x: without and with the mask, the feature taps, the scheduler's tables and a
+    3-step Euler run with guidance, into tensors (names ending in suffix)."""
+    features = taps(unet, suffix)
+    text, pooled, time_ids = x["input.text"], x["input.pooled"], x["input.time_ids"]
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    with torch.no_grad():
+        tensors["output.eps" + suffix] = unet(x["input.x"], x["input.t"], text, added_cond_kwargs=added).sample
+        tensors.update(features)
+        masked = unet(x["input.x"], x["input.t"], text, added_cond_kwargs=added, encoder_attention_mask=x["input.mask"])
+        tensors["output.eps_masked" + suffix] = masked.sample
+
+        scheduler = EulerDiscreteScheduler.from_config(SCHEDULER)
+        tensors["schedule.alphas_cumprod" + suffix] = scheduler.alphas_cumprod
+        scheduler.set_timesteps(50)
+        if not suffix:
+            tensors["schedule.timesteps_50"] = scheduler.timesteps
+        tensors["schedule.sigmas_50" + suffix] = scheduler.sigmas
+        scheduler.set_timesteps(3)
+        latents = x["input.noise"] * scheduler.init_noise_sigma
+        # the pipeline's zeros for an empty negative prompt
+        null, null_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
+        both = {"text_embeds": torch.cat([null_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])}
+        for step in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), step)
+            out = unet(model_in, step, torch.cat([null, text]), added_cond_kwargs=both).sample
+            uncond, cond = out.chunk(2)
+            latents = scheduler.step(uncond + GUIDANCE * (cond - uncond), step, latents).prev_sample
+        tensors["output.euler_3" + suffix] = latents
+        if not suffix:
+            tensors["schedule.timesteps_3"] = scheduler.timesteps
+    return scheduler
+
+
 def main():
+    keep_float32 = "--keep-float32" in sys.argv[1:]
     with torch.device("meta"):
         full = UNet2DConditionModel(**SDXL)
     keys = {k: list(v.shape) for k, v in full.state_dict().items()}
@@ -162,43 +215,25 @@ def main():
     pooled = torch.randn(2, 20, generator=g)
     time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], [768.0, 512.0, 16.0, 32.0, 1024.0, 896.0]])
     mask = torch.tensor([[1.0] * 7, [1.0] * 4 + [0.0] * 3])
-    null, null_pooled = torch.zeros(2, 7, 48), torch.zeros(2, 20)  # the pipeline's zeros for an empty negative prompt
     noise = torch.randn(2, 4, 8, 8, generator=g)
     tensors.update({"input.x": x, "input.t": t, "input.text": text, "input.pooled": pooled, "input.mask": mask})
     tensors.update({"input.time_ids": time_ids, "input.noise": noise})
 
-    features = taps(unet)
-    added = {"text_embeds": pooled, "time_ids": time_ids}
-    with torch.no_grad():
-        tensors["output.eps"] = unet(x, t, text, added_cond_kwargs=added).sample
-        tensors.update(features)
-        tensors["output.eps_masked"] = unet(x, t, text, added_cond_kwargs=added, encoder_attention_mask=mask).sample
-
-        scheduler = EulerDiscreteScheduler.from_config(SCHEDULER)
-        tensors["schedule.alphas_cumprod"] = scheduler.alphas_cumprod
-        scheduler.set_timesteps(50)
-        tensors["schedule.timesteps_50"] = scheduler.timesteps
-        tensors["schedule.sigmas_50"] = scheduler.sigmas
-        scheduler.set_timesteps(3)
-        guidance, latents = 5.0, noise * scheduler.init_noise_sigma
-        both = {"text_embeds": torch.cat([null_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])}
-        for step in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), step)
-            out = unet(model_in, step, torch.cat([null, text]), added_cond_kwargs=both).sample
-            uncond, cond = out.chunk(2)
-            latents = scheduler.step(uncond + guidance * (cond - uncond), step, latents).prev_sample
-        tensors["output.euler_3"] = latents
-        tensors["schedule.timesteps_3"] = scheduler.timesteps
+    # The same in float64 below: weights and inputs cast (exactly), then no float32 anywhere.
+    unet64, x64 = copy.deepcopy(unet).double(), {k: v.double() for k, v in tensors.items() if k.startswith("input.")}
+    scheduler = run(unet, tensors, tensors, "")
+    with float64_reference():
+        run(unet64, tensors, x64, FLOAT64)
 
     path = os.path.join(TESTS, "fixtures", "sdxl_tiny.safetensors")
     metadata = {
         "generator": "tests/generate/make_sdxl_fixtures.py",
         "config": unet.to_json_string(),
         "scheduler_config": json.dumps(SCHEDULER),
-        "guidance": str(guidance),
+        "guidance": str(GUIDANCE),
     }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
-    print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB, euler timesteps {scheduler.timesteps.tolist()}")
+    print(f"euler timesteps {scheduler.timesteps.tolist()}")
+    reference64.save_fixture(path, tensors, metadata, keep_float32)
 
 
 if __name__ == "__main__":
