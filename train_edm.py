@@ -61,7 +61,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from models import dit, edm, edm2
-from sample import image_grid, to_uint8
 
 # ----------------------------------------------------------------------------
 # DiT and SiT as EDM denoisers. Every loss below works in EDM's noise levels, x = x0 + sigma eps, with a denoiser
@@ -1592,6 +1591,26 @@ def quality_report(args, student, teacher, module, cfg, device, classifier):
         f.write(table)
     Image.fromarray(to_grid(torch.cat(rows), cols=len(rows[0]))).save(os.path.join(args.out_dir, "quality.png"))
     print(table)
+
+
+# Sample grids: copies of sample.py's (tests/test_hygiene.py keeps them identical), so that a script imports no
+# other family's model files.
+
+
+def image_grid(images, cols=None):
+    """uint8 [N, H, W, C] -> one uint8 image with the samples on a grid (near-square unless `cols` is given)."""
+    n, h, w, c = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = img
+    return grid
+
+
+def to_uint8(x):
+    """Images in [-1, 1], (B, C, H, W) -> uint8 (B, H, W, C)."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------

@@ -71,7 +71,6 @@ from tqdm import tqdm
 
 from encoders import TextEncoder, cached_embeddings
 from models import autoencoder_kl, flux, sd15, sdxl
-from sample import image_grid, to_uint8
 
 # family -> (model file, network class, pretrained name, text encoder repo, VAE preset, image side in px)
 FAMILIES = {
@@ -1001,6 +1000,26 @@ def moment_distance(a, b):
     """Distance between two sets of latents (N, C, h, w) as distributions: squared differences of the per-channel,
     per-position mean and standard deviation over the set, averaged."""
     return ((a.mean(0) - b.mean(0)).square().mean() + (a.std(0) - b.std(0)).square().mean()).item()
+
+
+# Sample grids: copies of sample.py's (tests/test_hygiene.py keeps them identical), so that a script imports no
+# other family's model files.
+
+
+def image_grid(images, cols=None):
+    """uint8 [N, H, W, C] -> one uint8 image with the samples on a grid (near-square unless `cols` is given)."""
+    n, h, w, c = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = img
+    return grid
+
+
+def to_uint8(x):
+    """Images in [-1, 1], (B, C, H, W) -> uint8 (B, H, W, C)."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------

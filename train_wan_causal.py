@@ -54,6 +54,7 @@ import shutil
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -71,7 +72,6 @@ from tqdm import tqdm
 
 import encoders
 from models import wan, wan_vae
-from sample import image_grid, to_uint8
 
 # Wan's default negative prompt (Wan2.1 shared_config.sample_neg_prompt): the unconditional branch of CFG.
 WAN_NEGATIVE_PROMPT = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"  # fmt: skip
@@ -676,6 +676,26 @@ def sample_grid(student, vae, text, args, device, path):
 
 def learning_rate(step, lr, args):
     return lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else lr
+
+
+# Sample grids: copies of sample.py's (tests/test_hygiene.py keeps them identical), so that a script imports no
+# other family's model files.
+
+
+def image_grid(images, cols=None):
+    """uint8 [N, H, W, C] -> one uint8 image with the samples on a grid (near-square unless `cols` is given)."""
+    n, h, w, c = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = img
+    return grid
+
+
+def to_uint8(x):
+    """Images in [-1, 1], (B, C, H, W) -> uint8 (B, H, W, C)."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------

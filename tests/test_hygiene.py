@@ -5,6 +5,8 @@ import ast
 import importlib
 import inspect
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -92,6 +94,8 @@ RUN_SAFETY = [
     "open_metrics", "all_finite", "nonfinite_tensors", "save_checkpoint",
 ]  # fmt: skip
 SCRIPT_COPIES = [("train_edm", script, RUN_SAFETY) for script in ("train_flux", "train_wan_causal")]
+# The sample-grid helpers: each script keeps its own copy of sample.py's so that it imports no other family's models.
+SCRIPT_COPIES += [("sample", script, ["image_grid", "to_uint8"]) for script in ("train_edm", "train_flux", "train_wan_causal")]  # fmt: skip
 
 
 @pytest.mark.parametrize("original, copy, name", [(o, c, n) for o, c, names in SCRIPT_COPIES for n in names])
@@ -100,3 +104,13 @@ def test_training_scripts_share_the_run_safety_section(original, copy, name):
     assert inspect.getsource(getattr(importlib.import_module(copy), name)) == source, (
         f"{copy}.py's {name} differs from {original}.py's; keep the copies identical"
     )
+
+
+@pytest.mark.parametrize("script, family", [("train_edm", {"edm", "edm2", "dit"}), ("train_flux", {"flux", "sd15", "sdxl", "autoencoder_kl"}), ("train_wan_causal", {"wan", "wan_vae"})])  # fmt: skip
+def test_a_training_script_imports_only_its_own_family(script, family):
+    """Forking one script must not pull in the whole project: a fresh interpreter imports the script and lists the
+    project's model files it loaded (lazy imports inside functions, e.g. a VAE for sample grids, are allowed)."""
+    code = f"import sys, {script}; print(sorted(m[7:] for m in sys.modules if m.startswith('models.')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert set(ast.literal_eval(out.stdout)) <= family, f"{script} imports {out.stdout.strip()}"
