@@ -83,3 +83,17 @@ def test_deliberate_copies_are_identical(original, copy, name):
     assert inspect.getsource(getattr(importlib.import_module(f"models.{copy}"), name)) == source, (
         f"models/{copy}.py's {name} differs from models/{original}.py's; keep the copies identical"
     )
+
+
+# The section "Runs that can be trusted for a week" of train_edm.py, copied word for word into train_video.py (each
+# training script stays readable on its own; a fix to one copy must reach every copy).
+RUN_SAFETY = ["fail", "check_flag_ranges", "split_batch", "checkpoints", "prepare_run_dir", "write_atomic", "open_metrics", "all_finite", "nonfinite_tensors", "save_checkpoint"]  # fmt: skip
+TRAIN_VIDEO_COPIES = [("train_edm", "train_video", RUN_SAFETY)]
+
+
+@pytest.mark.parametrize("original, copy, name", [(o, c, n) for o, c, names in TRAIN_VIDEO_COPIES for n in names])
+def test_train_video_copies_are_identical(original, copy, name):
+    source = inspect.getsource(getattr(importlib.import_module(original), name))
+    assert inspect.getsource(getattr(importlib.import_module(copy), name)) == source, (
+        f"{copy}.py's {name} differs from {original}.py's; keep the copies identical"
+    )
