@@ -34,34 +34,41 @@ cosmos_predict2 --out DIR` (GIFs, MP4s or folders of frames, captions in NAME.tx
 Without --data, prompts come from --prompts FILE (one per line): enough for kd and data-free dmd2 (a 1-step student
 starts from noise; a K-step student is fed its own no-grad rollout; GAN heads need real latents, so --gan_weight 0).
 
-Outputs in --out_dir: metrics.jsonl, samples/step_NNNNNNN.png (rows: samples, columns: frames, decoded by the VAE),
-checkpoints ckpt_NNNNNNN/ (student.safetensors, ema_*.safetensors, fake_score.safetensors and
-discriminator.safetensors for dmd2, state.pt with optimizer state, args.json). --resume continues exactly.
+Outputs in --out_dir (default out/train_video/<preset, or model-method>[-tiny]): metrics.jsonl (a line per step;
+`skipped` counts the updates skipped for a non-finite loss or gradient), samples/step_NNNNNNN.png (rows: samples,
+columns: frames, decoded by the VAE), checkpoints ckpt_NNNNNNN/ (student.safetensors, ema_*.safetensors,
+fake_score.safetensors and discriminator.safetensors for dmd2, state.pt with optimizer state, args.json). A directory
+holds one run: --resume continues it exactly (the same model, method, teacher and architecture), --overwrite starts
+over in it; --print_config shows the resolved flags and exits.
 """
 
 import argparse
 import contextlib
 import functools
+import hashlib
+import importlib.util
 import inspect
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from encoders import TextEncoder, cached_embeddings
 from models import cogvideox, cogvideox_vae, cosmos_predict2, wan, wan_vae
-from sample import image_grid, to_uint8
 
 # model -> (model file, network class, tiny config, text encoder family, default text encoder repo, VAE file, VAE
 # preset, the attributes that hold the transformer blocks)
@@ -282,7 +289,7 @@ parser.add_argument("--critic_lr", type=float, default=0.0, help="dmd2: lr of th
 parser.add_argument("--beta1", type=float, default=0.9)
 parser.add_argument("--beta2", type=float, default=0.999)
 parser.add_argument("--weight_decay", type=float, default=0.01, help="AdamW, FastGen's default optimizer")
-parser.add_argument("--grad_clip", type=float, default=10.0, help="max gradient norm of the student (non-finite entries are zeroed first)")
+parser.add_argument("--grad_clip", type=float, default=10.0, help="max gradient norm of the student")
 parser.add_argument("--ema", default="", help="comma list of constant EMA rates of the student, e.g. 0.9999 (empty: none)")
 parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (and FSDP2 param dtype), fp32 weights and reductions")
 parser.add_argument("--fsdp", action="store_true", help="FSDP2: shard each transformer block, then the rest; meta-device init, weights loaded once")
@@ -312,24 +319,94 @@ parser.add_argument("--pairs_batch", type=int, default=4, help="kd: trajectories
 parser.add_argument("--eval_every", type=int, default=500, help="sample grid every N steps (0 = never)")
 parser.add_argument("--eval_n", type=int, default=4, help="videos in the sample grid")
 parser.add_argument("--save_every", type=int, default=1000)
-parser.add_argument("--out_dir", default="out/train_video")
-parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out_dir")
+parser.add_argument("--out_dir", default=None, help="the run's directory (default out/train_video/<preset, or model-method>[-tiny])")
+parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its newest checkpoint (same model and method)")
+parser.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds another run, removing its files")
+parser.add_argument("--max_skipped_steps", type=int, default=5, help="stop after this many consecutive steps skipped for a non-finite loss or gradient")
+parser.add_argument("--print_config", action="store_true", help="print the resolved configuration (JSON, derived values included) and exit")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
 parser.add_argument("--wandb", default="", help="also log to this wandb project (if wandb is installed)")
 # fmt: on
 
 
+DEFAULTS = {a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}  # not --help's
+# Every numeric flag by the range it must lie in (tests/test_bad_input_video.py checks that none is missing).
+FLAG_RANGES = {
+    "positive": ["batch_size", "grad_clip", "shift", "p_std", "t_max", "student_steps", "teacher_steps", "student_update_freq", "num_pairs", "pairs_batch", "eval_n", "max_skipped_steps"],
+    "learning_rate": ["lr"],
+    "unit": ["critic_lr", "beta1", "beta2", "cond_dropout"],
+    "non_negative": ["cond_frames", "micro_batch", "max_steps", "weight_decay", "t_min", "guidance", "gan_weight", "eval_every", "save_every", "seed", "num_threads"],
+    "finite": ["p_mean"],
+}  # fmt: skip
+# What makes two runs the same run: --resume refuses a checkpoint whose args.json differs in these (--disc_blocks
+# picks the blocks the GAN heads read: Wan's blocks are all as wide, so other blocks would load without an error).
+RUN_IDENTITY = ["script", "model", "method", "teacher", "arch", "tiny", "disc_blocks"]
+
+
 def parse_args(argv=None):
-    """Flags over the preset over argparse defaults."""
+    """Flags over the preset over argparse defaults; every flag is checked here, before anything loads."""
     known = parser.parse_known_args(argv)[0]
+    parser.set_defaults(**DEFAULTS)  # a clean slate when called more than once in a process (tests)
     if known.preset:
         parser.set_defaults(**PRESETS[known.preset])
     args = parser.parse_args(argv)
     if args.tiny:  # the same code path at CPU size
         args.batch_size, args.eval_n, args.teacher_steps = min(args.batch_size, 4), min(args.eval_n, 2), min(args.teacher_steps, 8)  # fmt: skip
         args.latent_shape = "" if args.latent_shape.startswith("16,") else args.latent_shape
+    args.out_dir = args.out_dir or os.path.join("out", "train_video", (args.preset or f"{args.model}-{args.method}") + "-tiny" * args.tiny)  # fmt: skip
+    if args.method == "kd":
+        args.pairs = args.pairs or os.path.join(args.out_dir, "pairs")
+    check_flag_ranges(args, FLAG_RANGES)
+    check_flag_values(args)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    micro, accum = split_batch(args.batch_size, args.micro_batch, world)
+    if args.print_config:
+        emas = [dict(name=f"ema_{s}", kind="constant", value=float(s)) for s in args.ema.split(",") if s]
+        derived = dict(world_size=world, micro_batch_per_process=micro, accumulation_steps=accum, emas=emas,
+                       student_times=student_times(MODELS[args.model][0], args).tolist(),
+                       text_cache=args.text_cache or os.path.join(args.out_dir, "text_cache"))  # fmt: skip
+        print(json.dumps(vars(args) | {"derived": derived}, indent=1))
+        raise SystemExit(0)
     return args
+
+
+def check_flag_values(args):
+    """The flags that are names or comma lists, and those that must agree with each other."""
+
+    def numbers(flag, kind, example):
+        text = getattr(args, flag)
+        try:
+            values = [kind(v) for v in text.split(",")] if text else []
+        except ValueError:
+            fail(f"--{flag} {text} is not a comma list of {'integers' if kind is int else 'numbers'}", f"--{flag}", f"give e.g. --{flag} {example}")  # fmt: skip
+        if not all(math.isfinite(v) for v in values):
+            fail(f"--{flag} {text} holds a number that is not finite", f"--{flag}", f"give e.g. --{flag} {example}")
+        return values
+
+    module = MODELS[args.model][0]
+    if args.arch and args.arch not in module.CONFIGS:
+        fail(f"--arch {args.arch} is not an architecture of models/{module.__name__.split('.')[-1]}.py", "--arch", f"give one of {', '.join(sorted(module.CONFIGS))}")  # fmt: skip
+    if args.t_sampler is not None:
+        try:
+            bind(module.sample_t, kind=args.t_sampler, generator=torch.Generator())(1)
+        except ValueError as e:
+            fail(e, "--t_sampler", "give one of the time samplers it names")
+    if args.t_min is not None and args.t_max is not None and args.t_min >= args.t_max:
+        fail(f"--t_min {args.t_min} is not below --t_max {args.t_max}", "--t_min", "give t_min < t_max (in the model file's time units)")  # fmt: skip
+    times = numbers("t_list", float, WAN_T_LIST)
+    if times and (len(times) != args.student_steps + 1 or times[-1] != 0 or any(a <= b for a, b in zip(times, times[1:]))):  # fmt: skip
+        fail(f"--t_list {args.t_list} is not {args.student_steps + 1} decreasing times ending in 0", "--t_list", f"give --student_steps + 1 = {args.student_steps + 1} times, the last 0, or leave it out for the model file's")  # fmt: skip
+    shape = numbers("latent_shape", int, "16,21,60,104")
+    if shape and (len(shape) != 4 or min(shape) <= 0):
+        fail(f"--latent_shape {args.latent_shape} is not C,T,H,W", "--latent_shape", "give four positive integers, e.g. 16,21,60,104")  # fmt: skip
+    if any(not 0 < rate < 1 for rate in numbers("ema", float, "0.9999")):
+        fail(f"--ema {args.ema}: an EMA rate lies outside (0, 1)", "--ema", "give rates between 0 and 1, e.g. 0.9999")
+    if any(i < 0 for i in numbers("disc_blocks", int, "15,22,29")):
+        fail(f"--disc_blocks {args.disc_blocks} holds a negative block index", "--disc_blocks", "give teacher block indices from 0")  # fmt: skip
+    if args.method == "kd" and args.teacher_steps % path_length(args):
+        P = path_length(args)
+        fail(f"--teacher_steps {args.teacher_steps} is not a multiple of the {P}-state path", "--teacher_steps", f"give a multiple of {P}")  # fmt: skip
 
 
 def rng_seed(*parts):
@@ -369,14 +446,15 @@ def make_schedule(module, cfg, args):
         ),  # fmt: skip
         t_list=bind(module.t_list, shift=args.shift),
     )
-    if args.t_list:
-        times = torch.tensor([float(v) for v in args.t_list.split(",")], dtype=torch.float64)
-        if len(times) != args.student_steps + 1 or times[-1] != 0:
-            raise SystemExit(f"error: --t_list needs {args.student_steps + 1} decreasing times ending in 0, got {args.t_list}")  # fmt: skip
-        sched.student_times = times
-    else:
-        sched.student_times = sched.t_list(args.student_steps)
+    sched.student_times = student_times(module, args)
     return sched
+
+
+def student_times(module, args):
+    """The student's K + 1 times: --t_list (checked by parse_args), else the model file's t_list."""
+    if args.t_list:
+        return torch.tensor([float(v) for v in args.t_list.split(",")], dtype=torch.float64)
+    return bind(module.t_list, shift=args.shift)(args.student_steps)
 
 
 def bcast(t, x):
@@ -454,40 +532,60 @@ def teacher_ode(teacher, sched, noise, text, neg_text, cond, guidance, times):
 # (step, shard) so that --resume is exact and the global batch is the same however it is split.
 
 
-class LatentDataset:
-    """DIR/*.safetensors shards of N clips each: `latents` (N, C, T, H, W), the N prompts as a JSON list in the
-    metadata key "prompts", and any other tensor of leading dimension N passed to the network as a keyword. Only the
-    index (shard, row) and the prompts are held; `load` reads one clip from its shard (memory-mapped) when a batch
-    needs it. Every prompt is encoded once up front through `encode` (a collective under torchrun) into the text cache,
-    which `lookup` (local) reads per clip."""
-
-    def __init__(self, path, encode, lookup):
-        names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
-        if not names:
-            raise SystemExit(f"error: --data {path} holds no .safetensors shards (format: see train_video.py --help)")
-        self.rows, self.prompts, self.keys, self.lookup = [], [], None, lookup
-        for name in names:
-            file = os.path.join(path, name)
+def scan_shards(path):
+    """The clips of --data DIR, from every shard's header (the tensors are read per batch): Namespace(rows [(file,
+    row)], prompts, keys, shapes {key: the shape of one clip's tensor}). Anything that is not such a folder of shards
+    ends here with the file named."""
+    where, fix = f"--data {path}", "`python download.py video-latents VIDEOS --out DIR` writes the shards (format: train_video.py --help)"  # fmt: skip
+    if not os.path.isdir(path):
+        fail(f"{path} {'is not a folder' if os.path.exists(path) else 'does not exist'}", where, f"give a folder of latent shards: {fix}")  # fmt: skip
+    names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not names:
+        fail(f"{path} holds no .safetensors shards", where, fix)
+    index = argparse.Namespace(rows=[], prompts=[], keys=None, shapes=None)
+    for name in names:
+        file = os.path.join(path, name)
+        try:
             with safe_open(file, "pt") as f:
                 meta, keys = f.metadata() or {}, sorted(f.keys())
                 shapes = {k: f.get_slice(k).get_shape() for k in keys}
-            if "prompts" not in meta or len(shapes.get("latents", [])) != 5:
-                raise SystemExit(
-                    f"error: {file} is not a shard of latent clips: --data takes *.safetensors shards, each with `latents` "
-                    "(N, C, T, H, W) and the N prompts as a JSON list in the metadata key 'prompts' (one file per clip "
-                    "with `latents` (C, T, H, W) and a metadata 'prompt' is the old format; "
-                    "`python download.py video-latents` writes the shards)"
-                )  # fmt: skip
-            n, prompts = shapes["latents"][0], json.loads(meta["prompts"])
-            if len(prompts) != n or any(shape[:1] != [n] for shape in shapes.values()):
-                raise SystemExit(f"error: {file}: {len(prompts)} prompts and tensors {shapes}; all need N = {n} rows")
-            if "text" in keys:
-                raise SystemExit(f"error: {file}: 'text' is the prompts' embedding, made here; rename that tensor")
-            if self.keys is not None and keys != self.keys:
-                raise SystemExit(f"error: {file} holds {keys}, the shards before it {self.keys}; every shard needs the same tensors")  # fmt: skip
-            self.keys = keys
-            self.rows += [(file, i) for i in range(n)]
-            self.prompts += prompts
+        except (OSError, SafetensorError) as e:
+            fail(f"{file} is not a readable safetensors file ({e})", where, f"remove or rewrite it: {fix}")
+        if "prompts" not in meta or len(shapes.get("latents", [])) != 5:
+            fail(f"{file} is not a shard of latent clips (one file per clip with `latents` (C, T, H, W) and a metadata 'prompt' is the old format)", where,
+                 f"--data takes *.safetensors shards, each with `latents` (N, C, T, H, W) and the N prompts as a JSON list in the metadata key 'prompts'; {fix}")  # fmt: skip
+        try:
+            prompts = json.loads(meta["prompts"])
+        except ValueError:
+            prompts = None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            fail(f"{file}: the metadata 'prompts' is not a JSON list of strings", where, f"rewrite the shard: {fix}")
+        n = shapes["latents"][0]
+        if len(prompts) != n or any(shape[:1] != [n] for shape in shapes.values()):
+            fail(f"{file}: {len(prompts)} prompts and tensors {shapes}; all need N = {n} rows", where, f"rewrite the shard: {fix}")  # fmt: skip
+        if "text" in keys:
+            fail(f"{file}: 'text' is the prompts' embedding, made here", where, "rename that tensor")
+        clip = {k: shape[1:] for k, shape in shapes.items()}
+        if index.keys is not None and (keys, clip) != (index.keys, index.shapes):
+            fail(f"{file} holds clips {clip}, the shards before it {index.shapes}", where, "every shard needs the same tensors of the same clip shape")  # fmt: skip
+        index.keys, index.shapes = keys, clip
+        index.rows += [(file, i) for i in range(n)]
+        index.prompts += prompts
+    if not index.rows:
+        fail(f"the shards of {path} hold no clips", where, fix)
+    return index
+
+
+class LatentDataset:
+    """DIR/*.safetensors shards of N clips each: `latents` (N, C, T, H, W), the N prompts as a JSON list in the
+    metadata key "prompts", and any other tensor of leading dimension N passed to the network as a keyword. Only the
+    index (shard, row) and the prompts are held (`index`: scan_shards(path), made here when not given); `load` reads
+    one clip from its shard (memory-mapped) when a batch needs it. Every prompt is encoded once up front through
+    `encode` (a collective under torchrun) into the text cache, which `lookup` (local) reads per clip."""
+
+    def __init__(self, path, encode, lookup, index=None):
+        index = index or scan_shards(path)
+        self.path, self.rows, self.prompts, self.keys, self.lookup = path, index.rows, index.prompts, index.keys, lookup
         unique = sorted(set(self.prompts))
         for i in range(0, len(unique), 64):  # into the cache, a few at a time (the embeddings are not kept here)
             encode(unique[i : i + 64])
@@ -495,8 +593,11 @@ class LatentDataset:
     def load(self, i):
         """Clip i: its tensors (latents (C, T, H, W) and the keywords) and `text`, its prompt's embedding."""
         file, row = self.rows[i]
-        with safe_open(file, "pt") as f:
-            clip = {k: f.get_slice(k)[row : row + 1][0] for k in self.keys}
+        try:
+            with safe_open(file, "pt") as f:
+                clip = {k: f.get_slice(k)[row : row + 1][0] for k in self.keys}
+        except (OSError, SafetensorError) as e:
+            fail(f"{file} cannot be read ({e})", f"--data {self.path}", "the shard changed during the run: restore it, then --resume")  # fmt: skip
         return clip | {"text": self.lookup([self.prompts[i]])[0]}
 
     def __len__(self):
@@ -514,7 +615,7 @@ def make_batches(args, dataset, prompt_text, shape):
         clips = [dataset.load(int(i)) for i in torch.randint(len(dataset), (n,), generator=g)]
         x0 = torch.stack([c["latents"] for c in clips]).float()
         if x0.shape[1] != shape[0]:
-            raise SystemExit(f"error: the data's latents have {x0.shape[1]} channels; the model takes {shape[0]}")
+            fail(f"the data's latents have {x0.shape[1]} channels, the model takes {shape[0]}", f"--data {args.data}", "give latents of the network's VAE")  # fmt: skip
         cond = {k: torch.stack([c[k] for c in clips]).float() for k in clips[0] if k not in ("latents", "text")}
         if args.cond_frames:
             cond["cond_latents"] = x0[:, :, : args.cond_frames]
@@ -666,14 +767,17 @@ class Discriminator(nn.Module):
 # Knowledge-distillation pairs: the teacher's ODE from noise, with the states at the 4-step path times kept.
 
 
+def path_length(args):
+    """P, the number of teacher states kept per pair (see path_times)."""
+    return 4 if 4 % args.student_steps == 0 and not args.t_list else args.student_steps
+
+
 def path_times(sched, args):
     """The teacher's fine grid and the indices of the P-state path on it. P = 4 when the student's K steps divide 4
     and no --t_list is given (methods.md §7.3: the K-step grid is a subsample of the 4-step path), else P = K on the
     student's own list. The fine grid is the model file's t_list(teacher_steps) where it passes through the path's
     times, else each path interval split evenly."""
-    P = 4 if 4 % args.student_steps == 0 and not args.t_list else args.student_steps
-    if args.teacher_steps % P:
-        raise SystemExit(f"error: --teacher_steps {args.teacher_steps} must be a multiple of the {P}-state path")
+    P = path_length(args)  # parse_args checked that it divides --teacher_steps
     coarse = sched.student_times if P == args.student_steps else sched.t_list(P)
     m = args.teacher_steps // P
     fine = sched.t_list(args.teacher_steps)
@@ -682,14 +786,42 @@ def path_times(sched, args):
     return fine, torch.arange(P) * m
 
 
-def generate_pairs(args, sched, teacher, prompt_text, neg_text, shape, device, rank, world):
+def generate_pairs(args, sched, teacher, prompts, prompt_text, neg_text, shape, device, rank, world):
     """Write --num_pairs teacher trajectories to --pairs DIR as shards pairs_NNNNN.safetensors (`path` (B, P, C, T, H,
-    W), `x0`, `prompt` indices), each written atomically from its own seed; shards already on disk are kept, so an
-    interrupted run resumes. pairs.json records the path times and the shards."""
-    os.makedirs(args.pairs, exist_ok=True)
+    W), `x0`, `prompt` indices into `prompts`), each written atomically from its own seed; shards already on disk are
+    kept, so an interrupted run resumes. pairs.json, written first, records the settings the pairs depend on (a
+    folder made with others is refused) and the shards."""
     fine, index = path_times(sched, args)
+    settings = {"times": fine[index].tolist(), "model": args.model, "teacher": args.teacher, "teacher_steps": args.teacher_steps, "guidance": args.guidance, "neg_prompt": args.neg_prompt, "shape": list(shape), "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}  # fmt: skip
     shards = math.ceil(args.num_pairs / args.pairs_batch)
     names = [f"pairs_{i:05d}.safetensors" for i in range(shards)]
+    meta_file = os.path.join(args.pairs, "pairs.json")
+    if os.path.exists(meta_file):
+        try:
+            with open(meta_file) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"{meta_file} is unreadable ({e})", f"--pairs {args.pairs}", "remove the folder to generate the pairs again")  # fmt: skip
+        other = [k for k in settings if k in saved and saved[k] != settings[k]]  # an older pairs.json has fewer keys
+        if other:
+            fail(f"{args.pairs} holds teacher pairs made with other settings ({', '.join(other)})", "--pairs", "give another --pairs folder, or remove this one to generate them again")  # fmt: skip
+    for name in names:  # the shards already there: readable, and of this run's shapes
+        file = os.path.join(args.pairs, name)
+        if os.path.exists(file):
+            try:
+                with safe_open(file, "pt") as f:
+                    path_shape = f.get_slice("path").get_shape()
+            except (OSError, SafetensorError) as e:
+                fail(f"{file} is not a readable pairs shard ({e})", f"--pairs {args.pairs}", "remove it: it is generated again")  # fmt: skip
+            if path_shape[1:] != [len(index), *shape]:
+                fail(f"{file} holds paths of shape {path_shape[1:]}, this run makes {[len(index), *shape]}", "--pairs", "give another --pairs folder, or remove this one to generate them again")  # fmt: skip
+    if dist.is_initialized():  # every process has looked before the first one writes
+        dist.barrier()
+    if rank == 0:
+        os.makedirs(args.pairs, exist_ok=True)
+        write_atomic(meta_file, json.dumps(settings | {"shards": names}).encode())
+    if dist.is_initialized():
+        dist.barrier()
     todo = [i for i in range(shards) if not os.path.exists(os.path.join(args.pairs, names[i]))]
     for i in tqdm(todo[rank::world] if not args.fsdp else todo, disable=rank != 0, desc="teacher pairs", unit="shard"):
         n = min(args.pairs_batch, args.num_pairs - i * args.pairs_batch)
@@ -705,11 +837,6 @@ def generate_pairs(args, sched, teacher, prompt_text, neg_text, shape, device, r
             os.replace(tmp, os.path.join(args.pairs, names[i]))
     if dist.is_initialized():
         dist.barrier()
-    if rank == 0:
-        with open(os.path.join(args.pairs, "pairs.json"), "w") as f:
-            json.dump({"times": fine[index].tolist(), "shards": names, "model": args.model, "guidance": args.guidance}, f)  # fmt: skip
-    if dist.is_initialized():
-        dist.barrier()
     return fine[index]
 
 
@@ -717,11 +844,16 @@ def load_pairs(args, prompt_text):
     """(step, shard, n) -> (pairs (n, P + 1, C, T, H, W), text, {}) from the --pairs shards."""
     with open(os.path.join(args.pairs, "pairs.json")) as f:
         meta = json.load(f)
-    shards = [load_file(os.path.join(args.pairs, name)) for name in meta["shards"]]
+    shards = []
+    for name in meta["shards"]:
+        try:
+            shards.append(load_file(os.path.join(args.pairs, name)))
+        except (OSError, SafetensorError) as e:
+            fail(f"{os.path.join(args.pairs, name)} is not a readable pairs shard ({e})", f"--pairs {args.pairs}", "remove it: it is generated again")  # fmt: skip
     pairs = torch.cat([torch.cat([s["path"], s["x0"][:, None]], 1) for s in shards])
     prompts = torch.cat([s["prompt"] for s in shards])
     if int(prompts.max()) >= len(prompt_text):
-        raise SystemExit(f"error: {args.pairs} was made with more prompts than --prompts gives; use the same prompts")
+        fail(f"{args.pairs} was made with more prompts than this run has", "--prompts", "give the prompts the pairs were made with")  # fmt: skip
 
     def batch(step, shard, n):
         index = torch.randint(len(pairs), (n,), generator=torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 0)))  # fmt: skip
@@ -807,7 +939,7 @@ def config_json(cfg):
 
 
 # ----------------------------------------------------------------------------
-# Sample grids and checkpoints
+# Sample grids
 
 
 @torch.no_grad()
@@ -826,33 +958,275 @@ def sample_grid(model, sched, vae, noise, text, cond, args, path=None):
         Image.fromarray(image_grid(to_uint8(frames.transpose(1, 2).flatten(0, 1).cpu()), cols)).save(path)
 
 
-def save_checkpoint(args, step, weights, state, config):
-    """ckpt_NNNNNNN/ written as a temporary directory and renamed, so a crash never leaves a half checkpoint.
-    `weights`: name -> full state dict (saved as NAME.safetensors with the config in the metadata, except for the
-    script's GAN heads); `state`: optimizer state for state.pt."""
-    final = os.path.join(args.out_dir, f"ckpt_{step:07d}")
+# Sample grids: copies of sample.py's (tests/test_hygiene.py keeps them identical), so that a script imports no
+# other family's model files.
+
+
+def image_grid(images, cols=None):
+    """uint8 [N, H, W, C] -> one uint8 image with the samples on a grid (near-square unless `cols` is given)."""
+    n, h, w, c = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = img
+    return grid
+
+
+def to_uint8(x):
+    """Images in [-1, 1], (B, C, H, W) -> uint8 (B, H, W, C)."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------
+# Runs that can be trusted for a week: bad input ends with one line and exit code 2 before anything loads; a run
+# directory holds one run; a step with a non-finite loss or gradient is skipped on every process, and a checkpoint
+# is written only when every weight is finite, fsynced, then renamed into place. The functions of this section are
+# the same, word for word, in every training script (tests/test_hygiene.py keeps them so); what differs per script
+# is its FLAG_RANGES and RUN_IDENTITY.
+
+
+def fail(what, where, fix, code=2):
+    """Stop with `error: <what> (<where>): <fix>` on stderr: exit code 2 for bad input, 1 for a run that cannot go
+    on. No traceback: the line says everything the user needs."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        what = " ".join(str(what).split())  # one line, whatever the message it quotes
+        tqdm.write(f"error: {what} ({where}): {fix}", file=sys.stderr)  # on its own line, below a progress bar
+    raise SystemExit(code)
+
+
+def check_flag_ranges(args, ranges):
+    """Every numeric flag against its range, before anything loads; `ranges`: kind -> flag names."""
+    tests = {
+        "positive": (lambda v: v > 0, "a number > 0"),
+        "non_negative": (lambda v: v >= 0, "a number >= 0"),
+        "unit": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "learning_rate": (lambda v: 0 < v <= 1, "a learning rate in (0, 1]: Adam's lr is a step in weight units"),
+        "finite": (lambda v: True, "a finite number"),
+    }
+    for kind, names in ranges.items():
+        accept, wanted = tests[kind]
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and accept(value)):
+                fail(f"--{name} {value} is out of range", f"--{name}", f"give {wanted}")
+
+
+def split_batch(batch_size, micro_batch, world):
+    """(per-process micro-batch, accumulation rounds) that make up exactly `batch_size` over `world` processes."""
+    if batch_size % world:
+        fail(f"the global batch {batch_size} does not split over {world} processes", "--batch_size", f"give a multiple of {world}")  # fmt: skip
+    micro = micro_batch or batch_size // world
+    if (batch_size // world) % micro:
+        fail(f"{batch_size // world} samples per process are not a whole number of micro-batches of {micro}", "--micro_batch", f"give a divisor of {batch_size // world}")  # fmt: skip
+    return micro, batch_size // (world * micro)
+
+
+def checkpoints(out_dir):
+    """The finished checkpoints ckpt_NNNNNNN of a run directory, oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}", d))
+
+
+def run_files(out_dir):
+    """The files that make a directory a run's: its flags, metrics, samples, reports and checkpoints."""
+    names = ["args.json", "metrics.jsonl", "samples", "quality.md", "quality.png", "metrics.png"]
+    return [p for p in (os.path.join(out_dir, n) for n in names) if os.path.exists(p)] + checkpoints(out_dir)
+
+
+def prepare_run_dir(args, identity, master):
+    """Check --out_dir before anything loads; nothing is written here (claim_run_dir does that once every input has
+    loaded). Returns the checkpoint to resume or None. A directory that holds another run's files is refused unless
+    --resume (continue it: the saved args.json must name the same `identity` flags) or --overwrite (start over)."""
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"{out} is a file", "--out_dir", "name a directory for the run")
+    held = run_files(out)
+    ckpt = None
+    if args.resume:
+        for ckpt in reversed(checkpoints(out)):  # the newest complete one (a checkpoint always holds these two)
+            if all(os.path.isfile(os.path.join(ckpt, n)) for n in ("args.json", "state.pt")):
+                break
+        else:
+            fail(f"no checkpoint ckpt_NNNNNNN to resume in {out}", "--resume", "name the run's --out_dir, or drop --resume to start a new run")  # fmt: skip
+        with open(os.path.join(ckpt, "args.json")) as f:
+            saved = json.load(f)
+        mine = vars(args) | {"script": os.path.basename(__file__)}
+        mismatch = [k for k in identity if saved.get(k) != mine.get(k)]
+        if mismatch:
+            detail = ", ".join(f"--{k} {saved.get(k)!r} there, {mine.get(k)!r} here" for k in mismatch)
+            fail(f"{ckpt} is another run ({detail})", "--resume", "resume with the run's own flags, or choose another --out_dir")  # fmt: skip
+        changed = {k: (saved[k], v) for k, v in vars(args).items() if k in saved and saved[k] != v and k != "resume"}
+        if master and changed:
+            print("resuming with changed flags: " + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))  # fmt: skip
+    elif held and not args.overwrite:
+        fail(f"{out} holds another run ({os.path.basename(held[0])})", "--out_dir", "continue it with --resume, replace it with --overwrite, or choose another --out_dir")  # fmt: skip
+    return ckpt
+
+
+def claim_run_dir(args, master):
+    """Make --out_dir this run's once every input has loaded, so that bad input never leaves a half-claimed
+    directory: --overwrite removes the earlier run's files only now, a checkpoint left half-written by a crash goes,
+    and a new run records its flags in args.json (each checkpoint also holds the flags it was written with)."""
+    if dist.is_initialized():  # every process has checked the directory before the first one writes
+        dist.barrier()
+    out = args.out_dir
+    if not master:
+        return
+    held = run_files(out)
+    if held and not args.resume:
+        for path in held:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"--overwrite: removed the earlier run in {out}")
+    for stale in (d for d in os.listdir(out) if d.endswith(".tmp")) if os.path.isdir(out) else []:
+        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
+        print(f"removed {stale}, a checkpoint left unfinished by a crash")
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    if not args.resume:
+        write_atomic(os.path.join(out, "args.json"), json.dumps(vars(args) | {"script": os.path.basename(__file__)}, indent=1).encode())  # fmt: skip
+
+
+def write_atomic(path, data):
+    """Bytes to a file that either holds all of them or keeps its old content (temp file, fsync, rename)."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def open_metrics(out_dir, start):
+    """metrics.jsonl for appending, one flushed line per record. On resume the lines past the resumed step (written
+    after the checkpoint, before the crash) are dropped, so the log reads as one run."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start]
+        write_atomic(path, "".join(lines).encode())
+    return open(path, "a", buffering=1)  # line-buffered: every record reaches the file as it is written
+
+
+def all_finite(*values):
+    """Whether every tensor is finite on every process: all processes take the same decision."""
+    flag = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def nonfinite_tensors(state_dicts):
+    """Names of the floating tensors holding a NaN or an infinity: `state_dicts` is name -> state dict."""
+    return [f"{name}.{k}" for name, sd in state_dicts.items() for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]  # fmt: skip
+
+
+def save_checkpoint(out_dir, step, tensors, metadata, state, args_json):
+    """ckpt_NNNNNNN/: NAME.safetensors per entry of `tensors` (name -> state dict, with `metadata[name]`), state.pt,
+    args.json. Refused when a weight is not finite; written to ckpt_NNNNNNN.tmp, fsynced, then renamed, so a crash
+    or a full disk never leaves a half checkpoint nor touches an earlier one."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        fail(f"step {step}: {len(bad)} weight tensors are not finite ({', '.join(bad[:3])}, ...)", out_dir, "the run diverged; nothing was saved: lower --lr and --resume from the last checkpoint", code=1)  # fmt: skip
+    final = os.path.join(out_dir, f"ckpt_{step:07d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, sd in weights.items():
-        meta = {"step": str(step)} | ({"config": config} if name != "discriminator" else {})
-        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, f"{name}.safetensors"), metadata=meta)
-    torch.save(state | {"step": step}, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args) | {"step": step}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name, sd in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, os.path.join(tmp, f"{name}.safetensors"), metadata=metadata[name])  # fmt: skip
+        torch.save(state | {"step": step}, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            f.write(args_json)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(final):  # the same step saved again in this run (a resumed run ending where it started)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        dir_fd = os.open(out_dir, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"could not write checkpoint step {step}: {e.strerror or e}", final, "free disk space or fix permissions, then --resume from the last checkpoint", code=1)  # fmt: skip
+    return final
 
 
-def latest_checkpoint(out_dir):
-    ckpts = sorted(d for d in os.listdir(out_dir) if d.startswith("ckpt_") and not d.endswith(".tmp")) if os.path.isdir(out_dir) else []  # fmt: skip
-    return os.path.join(out_dir, ckpts[-1]) if ckpts else None
+# ----------------------------------------------------------------------------
+# What this script reads from the user, checked before anything is written.
+
+
+def read_inputs(args):
+    """What main checks before anything is written: the flags that need each other or the machine, and the user's
+    files (--prompts read, --data's shard headers). Returns (prompts, the --data index or None)."""
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        fail("--fsdp shards over processes; this is one process", "--fsdp", "start it with torchrun --nproc_per_node=N (N >= 2), or drop --fsdp")  # fmt: skip
+    if args.method == "sft" and not args.data:
+        fail("--method sft trains on real latents", "--data", "give --data DIR (format: train_video.py --help)")
+    if args.method == "dmd2" and args.gan_weight > 0 and not args.data:
+        fail("the GAN heads compare with real latents", "--gan_weight", "give --data DIR, or --gan_weight 0 for data-free dmd2")  # fmt: skip
+    if args.cond_frames and (args.model != "cosmos" or not args.data or args.method == "kd"):
+        fail("--cond_frames is Cosmos Video2World", "--cond_frames", "use it with --model cosmos and --data (sft or dmd2), or drop it")  # fmt: skip
+    if not args.teacher and not args.tiny:
+        fail("no network to start from", "--teacher", "give --teacher (a CONFIGS name, Hub repo or path), or --tiny")
+    module = MODELS[args.model][0]
+    if args.teacher and not (args.teacher in module.CONFIGS or os.path.exists(args.teacher) or module._is_repo_id(args.teacher)):  # fmt: skip
+        fail(f"{args.teacher} is no file or folder, no CONFIGS name of {module.__name__.replace('.', '/')}.py and no Hub repo id", "--teacher", "download it with download.py, or give its path")  # fmt: skip
+    if args.student:
+        try:
+            with safe_open(args.student, "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            fail(f"{args.student} is not a readable .safetensors ({e})", "--student", "give a student.safetensors of a checkpoint, or leave --student out")  # fmt: skip
+    for flag in ("pairs", "text_cache"):
+        if getattr(args, flag) and os.path.isfile(getattr(args, flag)):
+            fail(f"{getattr(args, flag)} is a file", f"--{flag}", "name a directory")
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        fail("wandb is not installed", "--wandb", "pip install wandb, or leave --wandb out")
+    prompts = read_prompts(args.prompts) if args.prompts else TINY_PROMPTS if args.tiny else []
+    if not prompts and not args.data:
+        fail("no prompts to train on", "--prompts", "give --prompts FILE (one prompt per line) or --data DIR")
+    index = scan_shards(args.data) if args.data else None
+    if index is not None and args.cond_frames >= index.shapes["latents"][1]:
+        frames = index.shapes["latents"][1]
+        fail(f"--cond_frames {args.cond_frames} leaves no frame to train on: the data's clips have {frames} latent frames", "--cond_frames", f"give fewer than {frames}")  # fmt: skip
+    return prompts, index
+
+
+def read_prompts(path):
+    """The prompts of --prompts FILE, one per line; a file that is missing, binary or holds no prompt is refused
+    (never a run on the single prompt "")."""
+    where, fix = f"--prompts {path}", "give a UTF-8 text file with one prompt per line"
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        fail(f"{path} does not exist", where, fix)
+    except UnicodeDecodeError:
+        fail(f"{path} is not text (not UTF-8)", where, fix)
+    except OSError as e:
+        fail(f"{path} cannot be read ({e.strerror or e})", where, fix)
+    if any("\x00" in line for line in lines):
+        fail(f"{path} is a binary file (it holds NUL bytes)", where, fix)
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        fail(f"{path} holds no prompt", where, f"{fix}, or leave --prompts out with --data (its captions are used)")
+    return prompts
+
+
+def load_or_fail(what, flag, fix, fn, *args, **kwargs):
+    """fn(*args, **kwargs), with a missing or unreadable file (or weights that do not fit) reported as bad input."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        fail(f"cannot load {what}: {str(e)[:300]}", flag, fix)
 
 
 # ----------------------------------------------------------------------------
 
 
 def main(args):
+    prompts, index = read_inputs(args)  # bad input ends here, before anything is written
     # Distributed setup: torchrun sets these; a plain `python` run is one process.
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed:
@@ -864,17 +1238,9 @@ def main(args):
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     master = rank == 0
+    ckpt = prepare_run_dir(args, RUN_IDENTITY, master)  # before anything loads; nothing written yet
     if master:
-        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
         print(json.dumps(vars(args)))
-    if args.fsdp and not distributed:
-        raise SystemExit("error: --fsdp shards over processes; start it with torchrun (--nproc_per_node >= 2)")
-    if args.method == "sft" and not args.data:
-        raise SystemExit("error: --method sft trains on real latents; give --data DIR (format: train_video.py --help)")
-    if args.method == "dmd2" and args.gan_weight > 0 and not args.data:
-        raise SystemExit("error: the GAN heads compare with real latents; give --data DIR, or --gan_weight 0 for data-free dmd2")  # fmt: skip
-    if args.cond_frames and (args.model != "cosmos" or not args.data or args.method == "kd"):
-        raise SystemExit("error: --cond_frames is Cosmos Video2World: --model cosmos with --data (sft or dmd2)")
 
     module, Net, tiny_name, family, text_repo, vae_module, vae_name, blocks = MODELS[args.model]
 
@@ -886,7 +1252,8 @@ def main(args):
         teacher_state = Net(cfg).state_dict() if master or not args.fsdp else {}
     elif args.teacher:
         kw = {"config": module.CONFIGS[args.arch]} if args.arch else {}
-        loaded = module.from_pretrained(args.teacher, **kw) if master or not args.fsdp else None
+        fix = "download it with download.py, or give a .safetensors path (with --arch when it has no config.json)"
+        loaded = load_or_fail(args.teacher, "--teacher", fix, module.from_pretrained, args.teacher, **kw) if master or not args.fsdp else None  # fmt: skip
         cfg = loaded.cfg if loaded is not None else None
         if args.fsdp:  # the other ranks need the config only: the same lookup without the weights
             cfg_list = [cfg]
@@ -894,8 +1261,6 @@ def main(args):
             cfg = cfg_list[0]
         teacher_state = loaded.state_dict() if loaded is not None else {}
         del loaded
-    else:
-        raise SystemExit("error: give --teacher (a CONFIGS name, Hub repo or path), or --tiny")
     make = functools.partial(Net, cfg)
 
     # Text: prompt embeddings through encoders.py, cached on disk once (rank 0 encodes, the others read the cache).
@@ -905,7 +1270,8 @@ def main(args):
         name = {"wan": "umt5", "cogvideox": "t5", "cosmos": "qwen"}[args.model]
         encoder = TextEncoder(family, tiny={name: width // 2 if args.model == "cosmos" else width})  # cosmos: 2 layers concatenated  # fmt: skip
     else:
-        encoder = TextEncoder(family, args.text_encoder or text_repo, device=device, dtype=torch.bfloat16)
+        fix = "download the text encoder (download.py), or give its folder"
+        encoder = load_or_fail("the text encoder", "--text_encoder", fix, TextEncoder, family, args.text_encoder or text_repo, device=device, dtype=torch.bfloat16)  # fmt: skip
     cache = args.text_cache or os.path.join(args.out_dir, "text_cache")
 
     def encode(prompts):
@@ -915,32 +1281,33 @@ def main(args):
             dist.barrier()
         return out if master else cached_embeddings(encoder, prompts, cache)
 
-    prompts = TINY_PROMPTS if args.tiny and not args.prompts else []
-    if args.prompts:
-        with open(args.prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    if not prompts and not args.data:
-        raise SystemExit("error: give --prompts FILE (one prompt per line) or --data DIR")
     prompt_text = encode(prompts)["text"] if prompts else None
     neg_text = encode([args.neg_prompt])["text"].to(device)
-    dataset = LatentDataset(args.data, encode, lambda p: cached_embeddings(encoder, p, cache)["text"]) if args.data else None  # fmt: skip
+    dataset = LatentDataset(args.data, encode, lambda p: cached_embeddings(encoder, p, cache)["text"], index) if args.data else None  # fmt: skip
     if args.latent_shape:
         shape = tuple(int(v) for v in args.latent_shape.split(","))
     elif dataset is not None:
-        shape = tuple(dataset.load(0)["latents"].shape)
+        shape = tuple(index.shapes["latents"])
     else:
         shape = (cfg.out_channels, 3, 8, 8)
     if shape[0] != cfg.out_channels:
-        raise SystemExit(f"error: latents of {shape[0]} channels; the {args.model} network makes {cfg.out_channels}")
+        fail(f"latents of {shape[0]} channels, the {args.model} network makes {cfg.out_channels}", "--latent_shape" if args.latent_shape else f"--data {args.data}", "give latents of the network's VAE (its channels)")  # fmt: skip
     if prompt_text is None:  # sample grids of a data-only run use the data's prompts
-        prompt_text = torch.stack([dataset.load(i)["text"] for i in range(min(len(dataset), args.eval_n))]).float()
+        prompts = dataset.prompts[: min(len(dataset), args.eval_n)]
+        prompt_text = torch.stack([dataset.load(i)["text"] for i in range(len(prompts))]).float()
     sched = make_schedule(module, cfg, args)
     sched.shape = (0, *shape)  # replaced by (micro, ...) below
 
     # Networks: the student (trainable, from the teacher's weights or --student), its EMAs, the frozen teacher, and
     # for dmd2 the fake score (a trainable copy of the teacher) and GAN heads on the teacher's block features.
-    student_state = load_file(args.student) if args.student and (master or not args.fsdp) else teacher_state
-    student = place(make, student_state, args, device, blocks, trainable=True)
+    student_state = teacher_state
+    fix = "give the weights of a student of the teacher's architecture (a student.safetensors of a checkpoint)"
+    if args.student and (master or not args.fsdp):
+        student_state = load_or_fail(args.student, "--student", fix, load_file, args.student)
+        bad = nonfinite_tensors({"student": student_state})
+        if bad:
+            fail(f"{args.student} holds weights that are not finite ({', '.join(bad[:3])})", "--student", "give the weights of a run that had not diverged")  # fmt: skip
+    student = load_or_fail(args.student or "the student", "--student", fix, place, make, student_state, args, device, blocks, trainable=True)  # fmt: skip
     teacher = place(make, teacher_state, args, device, blocks, trainable=False) if args.method != "sft" else None
     fake = place(make, teacher_state, args, device, blocks, trainable=True) if args.method == "dmd2" else None
     disc = None
@@ -948,7 +1315,7 @@ def main(args):
         depth = len(getattr(teacher, blocks[0]))
         indices = [int(i) for i in args.disc_blocks.split(",")] if args.disc_blocks else [depth // 2]
         if max(indices) >= depth:
-            raise SystemExit(f"error: --disc_blocks {args.disc_blocks}: the teacher has {depth} blocks")
+            fail(f"--disc_blocks {args.disc_blocks}: the teacher has {depth} blocks", "--disc_blocks", f"give block indices below {depth}")  # fmt: skip
         with torch.no_grad():  # one probe on a real clip for the feature widths
             x_probe, text_probe, cond_probe = make_batches(args, dataset, prompt_text, shape)(0, 0, 1)
             t_probe = sched.student_times[:1].to(device)
@@ -973,12 +1340,10 @@ def main(args):
         print(f"student: {sum(p.numel() for p in student.parameters()):,} parameters, method {args.method}, {world} process(es)")  # fmt: skip
 
     # Data: real latents, or prompts alone; kd reads (and first writes) the teacher's pairs.
-    micro = args.micro_batch or max(1, args.batch_size // world)
-    accum = max(1, args.batch_size // (micro * world))
+    micro, accum = split_batch(args.batch_size, args.micro_batch, world)
     sched.shape = (micro, *shape)
-    if args.method == "kd":
-        args.pairs = args.pairs or os.path.join(args.out_dir, "pairs")
-        generate_pairs(args, sched, teacher, prompt_text, neg_text, shape, device, rank, world)  # finished shards kept
+    if args.method == "kd":  # the pairs are written once into --pairs (default OUT_DIR/pairs); finished shards kept
+        generate_pairs(args, sched, teacher, prompts, prompt_text, neg_text, shape, device, rank, world)
         batch_fn, sched.path_times = load_pairs(args, prompt_text)
     else:
         batch_fn = make_batches(args, dataset, prompt_text, shape)
@@ -991,20 +1356,22 @@ def main(args):
     # What a checkpoint holds: every trained network and the state to continue exactly (the teacher never).
     trained = {"student": (student, optimizer), **critic}
     start = 0
-    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu")
-        for name, (m, o) in trained.items():
-            sd = load_file(os.path.join(ckpt, f"{name}.safetensors")) if master or not args.fsdp else {}
-            if args.fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if ckpt:  # prepare_run_dir found it and checked that it is this run's
+        try:
+            state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu")
+            for name, (m, o) in trained.items():
+                sd = load_file(os.path.join(ckpt, f"{name}.safetensors")) if master or not args.fsdp else {}
+                if args.fsdp:
+                    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-                set_model_state_dict(m, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-            else:
-                m.load_state_dict(sd)
-            optimizer_state(m, o, args.fsdp, load=state[name])
-        for spec, ema in emas.items():
-            ema.load_state_dict(load_file(os.path.join(ckpt, f"ema_{spec}.safetensors")))
+                    set_model_state_dict(m, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))  # fmt: skip
+                else:
+                    m.load_state_dict(sd)
+                optimizer_state(m, o, args.fsdp, load=state[name])
+            for spec, ema in emas.items():
+                ema.load_state_dict(load_file(os.path.join(ckpt, f"ema_{spec}.safetensors")))
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+            fail(f"{ckpt} does not fit this run's networks: {str(e)[:300]}", "--resume", "resume with the flags the run was started with")  # fmt: skip
         start = state["step"]
         if master:
             print(f"resumed from {ckpt} at step {start}")
@@ -1017,7 +1384,8 @@ def main(args):
                 torch.manual_seed(0)
                 vae = vae_cls(vae_module.CONFIGS["tiny"])
             else:
-                vae = vae_module.from_pretrained(args.vae or vae_name)
+                fix = "download it with download.py, give its path, or --vae none for latent-channel grids"
+                vae = load_or_fail(args.vae or vae_name, "--vae", fix, vae_module.from_pretrained, args.vae or vae_name)
             vae = vae.to(device).eval().requires_grad_(False)
         g = torch.Generator().manual_seed(12345)  # the same noise and prompts in every grid
         grid_noise = torch.randn(args.eval_n, *shape, generator=g).to(device)
@@ -1026,7 +1394,8 @@ def main(args):
         if dataset is not None:
             _, _, grid_cond = make_batches(args, dataset, prompt_text, shape)(0, 10**6, args.eval_n)
             grid_cond = {k: v.to(device) for k, v in grid_cond.items()}
-    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    claim_run_dir(args, master)  # every input has loaded: from here on the directory is this run's
+    log = open_metrics(args.out_dir, start) if master else None
     wandb = None
     if args.wandb and master:
         import wandb
@@ -1043,6 +1412,9 @@ def main(args):
     if eval_here and args.eval_every and start == 0:
         grid(0)
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, unit="step")
+    # Updates skipped for a non-finite loss or gradient: in all, and in a row per kind of step (dmd2's generator and
+    # critic steps alternate: a critic that is non-finite at every step of its own stops the run too).
+    skipped, bad_steps = 0, {"generator": 0, "critic": 0}
     for step in bar:
         # dmd2 alternates: a generator step every student_update_freq steps (counting from 1), critic steps (fake
         # score and GAN heads) in between (methods.md §7.9). sft and kd update the student at every step.
@@ -1075,18 +1447,36 @@ def main(args):
                         loss, logs = dmd2_critic_loss(student, teacher, fake_net, disc_net, disc, sched, x0, text, cond, args)  # fmt: skip
                 (loss / accum).backward()
             total += loss.detach().float() / accum
-        norms = {}
-        for (m, _, o), name in zip(active, ["student"] if generator_step else list(critic)):
+        norms, grad_norms = {}, []
+        for (m, _, _), name in zip(active, ["student"] if generator_step else list(critic)):
             params = [p for p in m.parameters() if p.grad is not None]
-            for p in params:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
             # The student's gradient is clipped; the critic's is not (FastGen clips the student only, methods.md §6).
+            # The norm is the true one: a NaN or infinity anywhere in the gradient makes it non-finite.
             norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if generator_step else math.inf)
-            norms[f"grad_norm_{name}"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-            o.step()
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+            grad_norms.append(norm)
+            norms[f"grad_norm_{name}"] = norm.item()
+        # A non-finite loss or gradient on any process: every process skips this update, and the EMAs' with it.
+        loss_finite, grad_finite = all_finite(total), all_finite(*grad_norms)
+        step_taken = loss_finite and grad_finite
+        kind = "generator" if generator_step else "critic"
+        if step_taken:
+            for _, _, o in active:
+                o.step()
+            bad_steps[kind] = 0
+        else:
+            skipped, bad_steps[kind] = skipped + 1, bad_steps[kind] + 1
+            steps = f"{kind} steps" if args.method == "dmd2" else "steps"
+            if master:
+                bar.write(f"step {step + 1}: non-finite {'loss' if not loss_finite else 'gradient'}, update skipped ({bad_steps[kind]} {steps} in a row)")  # fmt: skip
+            if bad_steps[kind] >= args.max_skipped_steps:
+                bar.close()
+                last = checkpoints(args.out_dir)
+                fail(f"{bad_steps[kind]} consecutive {steps} had a non-finite loss or gradient (up to step {step + 1})", "--max_skipped_steps", f"the run diverged: lower --lr and --resume from {last[-1] if last else 'a new run'}", code=1)  # fmt: skip
+        for _, _, o in active:
             o.zero_grad(set_to_none=True)
-        with torch.no_grad():  # every step, critic steps included, as FastGen's EMA callback does (methods.md Q2)
-            for spec, ema in emas.items():
+        with torch.no_grad():  # every step taken, critic steps included, as FastGen's EMA callback does (methods.md Q2)
+            for spec, ema in emas.items() if step_taken else ():
                 for p_ema, p in zip(ema.parameters(), student.parameters()):
                     p_ema.lerp_(p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach(), 1 - float(spec))
         if distributed:  # the logged loss is the global batch's
@@ -1097,9 +1487,8 @@ def main(args):
         if master:
             clips_per_s = args.batch_size / (time.time() - tic)
             bar.set_postfix(loss=f"{total.item():.4f}", clips_s=f"{clips_per_s:.2f}")
-            record = {"step": step_done, "loss": total.item(), "generator_step": generator_step, "lr": args.lr, "clips_per_s": clips_per_s, **norms, **logs}  # fmt: skip
+            record = {"step": step_done, "loss": total.item(), "generator_step": generator_step, "skipped": skipped, "lr": args.lr, "clips_per_s": clips_per_s, **norms, **logs}  # fmt: skip
             log.write(json.dumps(record) + "\n")
-            log.flush()
             if wandb:
                 wandb.log(record, step=step_done)
         if eval_here and args.eval_every and (step_done % args.eval_every == 0 or step_done == args.max_steps):
@@ -1109,7 +1498,11 @@ def main(args):
             weights |= {f"ema_{spec}": full_state_dict(ema, False) for spec, ema in emas.items()}
             state = {name: optimizer_state(m, o, args.fsdp) for name, (m, o) in trained.items()}
             if master:
-                save_checkpoint(args, step_done, weights, state, config_json(cfg))
+                # the networks' Config rides in the metadata (sample.py builds them from it); the GAN heads are ours
+                config = config_json(cfg)
+                metadata = {name: {"step": str(step_done)} | ({"config": config} if name != "discriminator" else {}) for name in weights}  # fmt: skip
+                args_json = json.dumps(vars(args) | {"script": os.path.basename(__file__), "step": step_done}, indent=1)  # fmt: skip
+                save_checkpoint(args.out_dir, step_done, weights, metadata, state, args_json)
     if master:
         log.close()
     if distributed:

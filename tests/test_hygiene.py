@@ -93,9 +93,9 @@ RUN_SAFETY = [
     "fail", "check_flag_ranges", "split_batch", "checkpoints", "prepare_run_dir", "claim_run_dir", "write_atomic",
     "open_metrics", "all_finite", "nonfinite_tensors", "save_checkpoint",
 ]  # fmt: skip
-SCRIPT_COPIES = [("train_edm", script, RUN_SAFETY) for script in ("train_flux", "train_wan_causal")]
+SCRIPT_COPIES = [("train_edm", script, RUN_SAFETY) for script in ("train_flux", "train_wan_causal", "train_video")]
 # The sample-grid helpers: each script keeps its own copy of sample.py's so that it imports no other family's models.
-SCRIPT_COPIES += [("sample", script, ["image_grid", "to_uint8"]) for script in ("train_edm", "train_flux", "train_wan_causal")]  # fmt: skip
+SCRIPT_COPIES += [("sample", script, ["image_grid", "to_uint8"]) for script in ("train_edm", "train_flux", "train_wan_causal", "train_video")]  # fmt: skip
 
 
 @pytest.mark.parametrize("original, copy, name", [(o, c, n) for o, c, names in SCRIPT_COPIES for n in names])
@@ -106,7 +106,7 @@ def test_training_scripts_share_the_run_safety_section(original, copy, name):
     )
 
 
-@pytest.mark.parametrize("script, family", [("train_edm", {"edm", "edm2", "dit"}), ("train_flux", {"flux", "sd15", "sdxl", "autoencoder_kl"}), ("train_wan_causal", {"wan", "wan_vae"})])  # fmt: skip
+@pytest.mark.parametrize("script, family", [("train_edm", {"edm", "edm2", "dit"}), ("train_flux", {"flux", "sd15", "sdxl", "autoencoder_kl"}), ("train_wan_causal", {"wan", "wan_vae"}), ("train_video", {"wan", "wan_vae", "cogvideox", "cogvideox_vae", "cosmos_predict2"})])  # fmt: skip
 def test_a_training_script_imports_only_its_own_family(script, family):
     """Forking one script must not pull in the whole project: a fresh interpreter imports the script and lists the
     project's model files it loaded (lazy imports inside functions, e.g. a VAE for sample grids, are allowed)."""
