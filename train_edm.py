@@ -56,6 +56,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -674,7 +675,7 @@ parser.add_argument("--wandb", default="", help="also log to this wandb project 
 # fmt: on
 
 
-DEFAULTS = {action.dest: action.default for action in parser._actions}
+DEFAULTS = {a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}  # not --help's
 # Every numeric flag by the range it must lie in (tests/test_bad_input.py checks that none is missing).
 FLAG_RANGES = {
     "positive": ["batch_size", "p_std", "t_max", "ct_q", "ct_kimg_per_stage", "fd_eps", "transition_t", "r_p_std", "student_update_freq", "student_steps", "ratio_lower", "ratio_upper", "huber_c", "adam_eps", "grad_clip", "max_skipped_steps"],
@@ -1791,7 +1792,7 @@ def load_pretrained(module, name, **switches):
     """module.from_pretrained, with a missing or unreadable file reported as bad input."""
     try:
         return module.from_pretrained(name, **switches)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         fail(f"cannot load {name}: {e}", "--teacher", "download it with download.py, or give a .safetensors path")
 
 
@@ -1882,7 +1883,7 @@ def main(args):
         if args.stage1:
             try:
                 module.load_checkpoint(student, args.stage1, adapt=False)
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
+            except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
                 fail(f"cannot load the stage-one student: {e}", f"--stage1 {args.stage1}", "give the student.safetensors of a --method cm run on the same architecture")  # fmt: skip
         elif not args.tiny:
             fail("--method tcm trains stage two", "--stage1", "give --stage1 CKPT, a student trained with --method cm")
@@ -1946,7 +1947,7 @@ def main(args):
             state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location=device)
             for name, o in optimizers.items():
                 o.load_state_dict(state[name])
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
             fail(f"{ckpt} does not fit this run's networks: {str(e)[:300]}", "--resume", "resume with the flags the run was started with")  # fmt: skip
         bins.copy_(state["ratio_bins"])
         start = state["step"]
@@ -1992,7 +1993,7 @@ def main(args):
     if master and args.eval_every and start == 0:  # the first evaluation: the student as initialised
         eval_and_log(0)
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, unit="step")
-    skipped = bad_steps = 0  # updates skipped for a non-finite loss or gradient: in all, and in a row
+    skipped, bad_steps = 0, {"generator": 0, "critic": 0}  # updates skipped for a non-finite loss or gradient
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
@@ -2048,17 +2049,19 @@ def main(args):
         # gradient with a finite loss is the scaler's to skip, and it lowers its scale).
         loss_finite, grad_finite = all_finite(loss), all_finite(grad_norm)
         step_taken = loss_finite and (grad_finite or scaler.is_enabled())
+        kind = "generator" if generator_step else "critic"  # counted apart: a critic that stays NaN must stop too
         if step_taken:
             scaler.step(active)
-            bad_steps = 0
+            bad_steps[kind] = 0
         else:
-            skipped, bad_steps = skipped + 1, bad_steps + 1
+            skipped, bad_steps[kind] = skipped + 1, bad_steps[kind] + 1
+            steps = f"{kind} steps" if distribution_matching else "steps"
             if master:
-                bar.write(f"step {step + 1}: non-finite {'loss' if not loss_finite else 'gradient'}, update skipped ({bad_steps} in a row)")  # fmt: skip
-            if bad_steps >= args.max_skipped_steps:
+                bar.write(f"step {step + 1}: non-finite {'loss' if not loss_finite else 'gradient'}, update skipped ({bad_steps[kind]} {steps} in a row)")  # fmt: skip
+            if bad_steps[kind] >= args.max_skipped_steps:
                 bar.close()
                 last = checkpoints(args.out_dir)
-                fail(f"{bad_steps} consecutive steps had a non-finite loss or gradient (up to step {step + 1})", "--max_skipped_steps", f"the run diverged: lower --lr and --resume from {last[-1] if last else 'a new run'}", code=1)  # fmt: skip
+                fail(f"{bad_steps[kind]} consecutive {steps} had a non-finite loss or gradient (up to step {step + 1})", "--max_skipped_steps", f"the run diverged: lower --lr and --resume from {last[-1] if last else 'a new run'}", code=1)  # fmt: skip
         scaler.update()
         active.zero_grad(set_to_none=True)
         if args.model == "edm2":  # keep every weight row at unit norm (EDM2 Eq. 66)

@@ -277,7 +277,7 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
 parser.add_argument("--wandb", default="", help="also log to this wandb project (if wandb is installed)")
 # fmt: on
-DEFAULTS = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+DEFAULTS = {a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}  # not --help's
 # Every numeric flag by the range it must lie in (tests/test_bad_input_flux.py checks that none is missing).
 FLAG_RANGES = {
     "positive": ["pair_states", "teacher_steps", "batch_size", "grad_clip", "p_std", "student_steps", "student_update_freq", "ratio_lower", "ratio_upper", "eval_n", "max_skipped_steps"],
@@ -1445,7 +1445,7 @@ def main(args):
     if args.eval_every and start == 0:  # the first evaluation: the student as initialised
         eval_and_log(0)
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, unit="step")
-    skipped = bad_steps = 0  # updates skipped for a non-finite loss or gradient: in all, and in a row
+    skipped, bad_steps = 0, {"generator": 0, "critic": 0}  # updates skipped for a non-finite loss or gradient
     for step in bar:
         # dmd2/fdistill/ladd alternate: a generator step every student_update_freq steps (counting from 1), critic
         # steps (fake score and GAN heads) in between. sft and kd update the student at every step.
@@ -1500,17 +1500,19 @@ def main(args):
             if step_taken:
                 optimizers[name][1].step()
             optimizers[name][1].zero_grad(set_to_none=True)
+        kind = "generator" if generator_step else "critic"  # counted apart: a critic that stays NaN must stop too
         if step_taken:
-            bad_steps = 0
+            bad_steps[kind] = 0
         else:
             bins.copy_(bins_before)
-            skipped, bad_steps = skipped + 1, bad_steps + 1
+            skipped, bad_steps[kind] = skipped + 1, bad_steps[kind] + 1
+            steps = f"{kind} steps" if alternating else "steps"
             if master:
-                bar.write(f"step {step + 1}: non-finite {'loss' if not loss_finite else 'gradient'}, update skipped ({bad_steps} in a row)")  # fmt: skip
-            if bad_steps >= args.max_skipped_steps:
+                bar.write(f"step {step + 1}: non-finite {'loss' if not loss_finite else 'gradient'}, update skipped ({bad_steps[kind]} {steps} in a row)")  # fmt: skip
+            if bad_steps[kind] >= args.max_skipped_steps:
                 bar.close()
                 last = checkpoints(args.out_dir)
-                fail(f"{bad_steps} consecutive steps had a non-finite loss or gradient (up to step {step + 1})", "--max_skipped_steps", f"the run diverged: lower --lr and --resume from {last[-1] if last else 'a new run'}", code=1)  # fmt: skip
+                fail(f"{bad_steps[kind]} consecutive {steps} had a non-finite loss or gradient (up to step {step + 1})", "--max_skipped_steps", f"the run diverged: lower --lr and --resume from {last[-1] if last else 'a new run'}", code=1)  # fmt: skip
         with torch.no_grad():  # every step taken, critic steps included, as FastGen's EMA callback does
             for spec, params in emas.items() if step_taken else []:
                 for p_ema, p in zip(params, student.parameters()):

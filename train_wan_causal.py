@@ -211,7 +211,7 @@ parser.add_argument("--wandb", default="", help="also log to this wandb project 
 # fmt: on
 
 
-DEFAULTS = {action.dest: action.default for action in parser._actions}
+DEFAULTS = {a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}  # not --help's
 # Every numeric flag by the range it must lie in (tests/test_bad_input_wan_causal.py checks that none is missing).
 FLAG_RANGES = {
     "positive": ["num_pairs", "teacher_steps", "frames", "height", "width", "chunk_size", "micro_batch", "adam_eps", "grad_clip", "shift", "student_update_freq", "sample_n", "max_skipped_steps"],
@@ -1045,7 +1045,7 @@ def main(args):
     sample_text = embed(prompts[: args.sample_n])
 
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, unit="step")
-    skipped = bad_steps = 0  # updates skipped for a non-finite loss or gradient: in all, and in a row
+    skipped, bad_steps = 0, {"generator": 0, "critic": 0}  # updates skipped for a non-finite loss or gradient
     for step in bar:
         # causvid/self_forcing alternate: a generator step every student_update_freq steps (counting from 1), fake
         # score steps in between (DMD2 Sec. 4.2). sft and kd update the student at every step.
@@ -1097,17 +1097,19 @@ def main(args):
         # A non-finite loss or gradient on any process: every process skips this update and the EMA's.
         loss_finite, grad_finite = all_finite(total), all_finite(grad_norm)
         step_taken = loss_finite and grad_finite
+        kind = "generator" if generator_step else "critic"  # counted apart: a critic that stays NaN must stop too
         if step_taken:
             opt.step()
-            bad_steps = 0
+            bad_steps[kind] = 0
         else:
-            skipped, bad_steps = skipped + 1, bad_steps + 1
+            skipped, bad_steps[kind] = skipped + 1, bad_steps[kind] + 1
+            steps = f"{kind} steps" if distill else "steps"
             if master:
-                bar.write(f"step {step + 1}: non-finite {'loss' if not loss_finite else 'gradient'}, update skipped ({bad_steps} in a row)")  # fmt: skip
-            if bad_steps >= args.max_skipped_steps:
+                bar.write(f"step {step + 1}: non-finite {'loss' if not loss_finite else 'gradient'}, update skipped ({bad_steps[kind]} {steps} in a row)")  # fmt: skip
+            if bad_steps[kind] >= args.max_skipped_steps:
                 bar.close()
                 last = checkpoints(args.out_dir)
-                fail(f"{bad_steps} consecutive steps had a non-finite loss or gradient (up to step {step + 1})", "--max_skipped_steps", f"the run diverged: lower --lr and --resume from {last[-1] if last else 'a new run'}", code=1)  # fmt: skip
+                fail(f"{bad_steps[kind]} consecutive {steps} had a non-finite loss or gradient (up to step {step + 1})", "--max_skipped_steps", f"the run diverged: lower --lr and --resume from {last[-1] if last else 'a new run'}", code=1)  # fmt: skip
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # every step taken, critic steps included, as FastGen's EMA callback does
             for spec, ema in emas.items() if step_taken else []:

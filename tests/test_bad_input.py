@@ -410,3 +410,20 @@ def test_overwrite_with_bad_input_keeps_the_earlier_run(finished_run, tmp_path, 
 def test_a_missing_teacher_is_one_line(tmp_path):
     code, err = run_subprocess("--method", "dmd2", "--teacher", "edm-cifar10-32x32-cond-vp", "--max_steps", "1", "--out_dir", str(tmp_path / "run"))  # fmt: skip
     assert_clean_error(code, err, "--teacher", "download.py")
+
+
+def test_a_critic_that_stays_nonfinite_stops_the_run(tmp_path, monkeypatch, capsys):
+    """dmd2 alternates critic and generator steps: skips are counted per kind, so good generator steps in between
+    do not hide a critic whose every step is NaN."""
+    original = train_edm.dmd2_critic_loss
+
+    def nan_critic(*args, **kwargs):
+        loss, logs = original(*args, **kwargs)
+        return loss * float("nan"), logs
+
+    monkeypatch.setattr(train_edm, "dmd2_critic_loss", nan_critic)
+    argv = ["--tiny", "--method", "dmd2", "--num_threads", "1", "--eval_every", "0", "--save_every", "0"]
+    argv += ["--student_update_freq", "2", "--max_skipped_steps", "3", "--max_steps", "20", "--out_dir", str(tmp_path / "run")]  # fmt: skip
+    code, err = run(argv, capsys)
+    assert_clean_error(code, err, "3 consecutive critic steps", "up to step 5", expected=1)
+    assert [r["skipped"] for r in metric_lines(tmp_path / "run")] == [1, 1, 2, 2]  # generator steps 2 and 4 taken
