@@ -1582,6 +1582,7 @@ def quality_report(args, student, teacher, module, cfg, device, classifier):
         ("teacher", teacher, "teacher", 1, 1),
         ("student", student, "student", args.student_steps, args.student_steps),
     ):
+        print(f"quality report: {name}, {nfe} evaluations, {args.eval_n} samples ...", flush=True)
         images, m = evaluate(model, module, cfg, args, sampler, steps, args.eval_n, device, classifier)
         rows.append(images[: 2 * net_shape(cfg)[2] or 16])
         lines.append(f"| {name} | {nfe} | {m['fid']:.2f} | {m.get('accuracy', float('nan')):.3f} |")
@@ -1786,6 +1787,17 @@ def save_checkpoint(out_dir, step, tensors, metadata, state, args_json):
         shutil.rmtree(tmp, ignore_errors=True)
         fail(f"could not write checkpoint step {step}: {e.strerror or e}", final, "free disk space or fix permissions, then --resume from the last checkpoint", code=1)  # fmt: skip
     return final
+
+
+def summary(args, emas):
+    """Where the run's results are and the command that samples the student."""
+    last = checkpoints(args.out_dir)
+    print(
+        f"\nrun finished: {args.out_dir} (metrics.jsonl, samples/{', quality.md, quality.png' * args.quality_report})"
+    )
+    if last:
+        weights = os.path.join(last[-1], f"ema_{next(iter(emas))}.safetensors" if emas else "student.safetensors")
+        print(f"student: {weights}\nsample it: python sample.py --model {args.model} --ckpt {weights} --sampler student --steps {args.student_steps}" + " --tiny" * args.tiny)  # fmt: skip
 
 
 def load_pretrained(module, name, **switches):
@@ -2100,6 +2112,7 @@ def main(args):
         log.close()
         if args.quality_report and classifier is not None and teacher is not None:
             quality_report(args, next(iter(emas.values()), student), teacher, module, cfg, device, classifier)
+        summary(args, emas)
     if distributed:
         dist.destroy_process_group()
     return student, emas
