@@ -214,12 +214,20 @@ def ddim_timesteps(steps):
 # Positions
 
 
-def timestep_features(t, dim):
+def precision(dtype):
+    """The precision of the position and time tables and of RoPE: float32 (as the original computes them) for float32
+    and half-precision models, float64 for a float64 model."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def timestep_features(t, dim, dtype=torch.float32):
     """Sinusoidal features [cos | sin] of the timestep with frequencies 10000^(-i / (dim / 2)), in float32 like the
-    original: at t up to 999 the rounding of the angles is visible in the output."""
+    original: at t up to 999 the rounding of the angles is visible in the output. In float64 for a float64 `dtype`
+    (the model's)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None]
+    real = precision(dtype)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=real, device=t.device) / half)
+    angles = t.to(real)[:, None] * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
@@ -230,18 +238,20 @@ def _sincos(pos, dim):
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_3d(dim, frames, height, width, spatial_scale, temporal_scale, device=None):
-    """The 2b's fixed position table, float32 (frames x height x width, dim) for tokens in (t, y, x) row-major order:
-    channels [time (dim / 4) | column (3 dim / 8) | row (3 dim / 8)], positions divided by the interpolation scales.
-    The angles are float64 on purpose; diffusers takes positions in float32, which differs by < 1e-6."""
+def sincos_3d(dim, frames, height, width, spatial_scale, temporal_scale, device=None, dtype=torch.float32):
+    """The 2b's fixed position table, float32 (float64 for a float64 `dtype`) (frames x height x width, dim) for tokens
+    in (t, y, x) row-major order: channels [time (dim / 4) | column (3 dim / 8) | row (3 dim / 8)], positions divided
+    by the interpolation scales. The angles are float64 on purpose; diffusers takes positions in float32, which
+    differs by < 1e-6."""
     t = torch.arange(frames, dtype=torch.float64, device=device) / temporal_scale
     y = torch.arange(height, dtype=torch.float64, device=device) / spatial_scale
     x = torch.arange(width, dtype=torch.float64, device=device) / spatial_scale
     spatial = dim * 3 // 4
-    col = _sincos(x, spatial // 2).float()[None, :, :].expand(height, -1, -1)  # (height, width, 3 dim / 8)
-    row = _sincos(y, spatial // 2).float()[:, None, :].expand(-1, width, -1)
+    real = precision(dtype)
+    col = _sincos(x, spatial // 2).to(real)[None, :, :].expand(height, -1, -1)  # (height, width, 3 dim / 8)
+    row = _sincos(y, spatial // 2).to(real)[:, None, :].expand(-1, width, -1)
     space = torch.cat([col, row], dim=-1).reshape(1, height * width, spatial).expand(frames, -1, -1)
-    time = _sincos(t, dim // 4).float()[:, None, :].expand(-1, height * width, -1)
+    time = _sincos(t, dim // 4).to(real)[:, None, :].expand(-1, height * width, -1)
     return torch.cat([time, space], dim=-1).reshape(frames * height * width, dim)
 
 
@@ -256,11 +266,14 @@ def crop_region(grid_height, grid_width, base_height, base_width):
     return (top, left), (top + height, left + width)
 
 
-def rope_3d(head_dim, frames, grid_height, grid_width, base_height, base_width, theta=10000.0, device=None):
+def rope_3d(
+    head_dim, frames, grid_height, grid_width, base_height, base_width, theta=10000.0, device=None, dtype=torch.float32
+):
     """The 5b's rotary tables (cos, sin), each (frames x grid_height x grid_width, head_dim): channels [time (head_dim
     / 4) | row (3/8) | column (3/8)], every frequency repeated for the (even, odd) pair it rotates. Rows and columns
     are spread over the crop region of the training grid: position linspace(start, end (n - 1) / n, n), as diffusers'
-    get_3d_rotary_pos_embed. float64 on purpose; diffusers computes the angles in float32 (< 3e-6 rad apart)."""
+    get_3d_rotary_pos_embed. float64 on purpose; diffusers computes the angles in float32 (< 3e-6 rad apart). Returned
+    in float32, float64 for a float64 `dtype`."""
     (top, left), (bottom, right) = crop_region(grid_height, grid_width, base_height, base_width)
     f64 = dict(dtype=torch.float64, device=device)
     rows = torch.linspace(top, bottom * (grid_height - 1) / grid_height, grid_height, **f64)
@@ -281,14 +294,16 @@ def rope_3d(head_dim, frames, grid_height, grid_width, base_height, base_width, 
         ],
         dim=-1,
     ).reshape(-1, head_dim)
-    return a.cos().float(), a.sin().float()
+    return a.cos().to(precision(dtype)), a.sin().to(precision(dtype))
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each (even, odd) channel pair of x (B, N, L, D) by the angle whose cos/sin are given, in float32."""
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    """Rotate each (even, odd) channel pair of x (B, N, L, D) by the angle whose cos/sin are given, in float32 (float64
+    for float64 x)."""
+    real = precision(x.dtype)
+    even, odd = x.to(real).unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-odd, even], dim=-1).flatten(-2)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return (x.to(real) * cos + rotated * sin).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -432,15 +447,16 @@ class CogVideoXTransformer(nn.Module):
         self.norm_out = OutputNorm(cfg.time_embed_dim, dim, cfg.norm_eps)
         self.proj_out = nn.Linear(dim, cfg.patch_size**2 * cfg.out_channels)
 
-    def positions(self, frames, grid_height, grid_width, device):
+    def positions(self, frames, grid_height, grid_width, device, dtype=torch.float32):
         """(table, None) of sin-cos positions for the 2b, (None, (cos, sin)) RoPE tables for the 5b; made on `device`
-        at each call (diffusers keeps the 2b table of the training size as a buffer, outside the checkpoint)."""
+        at each call (diffusers keeps the 2b table of the training size as a buffer, outside the checkpoint); float32,
+        float64 for a float64 `dtype` (the model's)."""
         cfg = self.cfg
         if not cfg.use_rotary_positional_embeddings:
             scales = (cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale)
-            return sincos_3d(self.dim, frames, grid_height, grid_width, *scales, device=device), None
+            return sincos_3d(self.dim, frames, grid_height, grid_width, *scales, device=device, dtype=dtype), None
         base = (cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size)
-        return None, rope_3d(cfg.attention_head_dim, frames, grid_height, grid_width, *base, device=device)
+        return None, rope_3d(cfg.attention_head_dim, frames, grid_height, grid_width, *base, device=device, dtype=dtype)
 
     def unpatchify(self, tokens, frames, grid_height, grid_width):
         """(B, T h w, c p p) -> (B, c, T, h p, w p)."""
@@ -462,11 +478,11 @@ class CogVideoXTransformer(nn.Module):
             raise ValueError(f"latent sides ({H}, {W}) must be multiples of the patch size {p}")
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(B)
         dtype = self.proj_out.weight.dtype
-        temb = self.time_embedding(timestep_features(t, self.dim).to(dtype))  # (B, time_embed_dim)
+        temb = self.time_embedding(timestep_features(t, self.dim, dtype).to(dtype))  # (B, time_embed_dim)
 
         video = self.patch_embed(x.to(dtype))  # (B, T h w, D)
         text = self.patch_embed.text_proj(text.to(dtype))  # (B, L, D)
-        table, rope = self.positions(T, h, w, x.device)
+        table, rope = self.positions(T, h, w, x.device, dtype)
         if table is not None:
             video = video + table.to(dtype)
 

@@ -208,8 +208,19 @@ def replace_frames(x, cond_latents):
 # Building blocks
 
 
+def precision(dtype):
+    """What the released model computes in float32 for half-precision weights (norms, RoPE, time features, the
+    modulation: its use_wan_fp32_strategy) runs in float32, except in a float64 model, where it runs in float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def upcast(x):
+    """x in float32, or in float64 if it is float64 (see `precision`)."""
+    return x.to(precision(x.dtype))
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * g over the last axis, normalised in float32."""
+    """x / rms(x) * g over the last axis, normalised in float32 (float64 in a float64 model)."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -217,7 +228,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = upcast(x)
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -228,8 +239,9 @@ def layer_norm(x):
 
 def apply_rope(x, cos, sin):
     """Rotate the pairs (x_i, x_{i + d/2}) of each head by the token's angles (the "split-half" layout, not Wan's
-    interleaved pairs); x (B, L, N, d), cos/sin (L, 1, d/2). In float32 (the released use_wan_fp32_strategy)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    interleaved pairs); x (B, L, N, d), cos/sin (L, 1, d/2). In float32 (the released use_wan_fp32_strategy; float64
+    in a float64 model)."""
+    x1, x2 = upcast(x).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
@@ -239,9 +251,9 @@ class RopePositions(nn.Module):
     positions 0, 1, ... along the axis.
 
     NOTE: the official buffers (positions 0..max-1, each axis' exponents) are kept because the checkpoint holds them
-    and loading is strict, but the angles are recomputed here in float32: a bfloat16 copy of the model (or of the
-    file) would round the exponents by up to 0.4%, and the angles at far positions by ~1%. With float32 buffers, as
-    in training, the two agree exactly."""
+    and loading is strict, but the angles are recomputed here in float32 (float64 in a float64 model): a bfloat16
+    copy of the model (or of the file) would round the exponents by up to 0.4%, and the angles at far positions by
+    ~1%. With float32 buffers, as in training, the two agree exactly."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -254,15 +266,17 @@ class RopePositions(nn.Module):
         self.register_buffer("dim_temporal_range", torch.arange(0, self.dim_t, 2).float() / self.dim_t)
         self.ratios = (cfg.rope_t_extrapolation_ratio, cfg.rope_h_extrapolation_ratio, cfg.rope_w_extrapolation_ratio)
 
-    def forward(self, T, H, W, device=None):
-        """cos and sin of the angles, each (T H W, 1, d/2), tokens in (t, h, w) order, float32."""
+    def forward(self, T, H, W, device=None, dtype=torch.float32):
+        """cos and sin of the angles, each (T H W, 1, d/2), tokens in (t, h, w) order, float32 (float64 for a float64
+        `dtype`, the model's)."""
+        real = precision(dtype)
         if max(T, H, W) > len(self.seq):
             raise ValueError(f"{T}x{H}x{W} tokens exceed the {len(self.seq)} RoPE positions of this model")
         angles = []
         for n, ratio, dim in zip((T, H, W), self.ratios, (self.dim_t, self.dim_h, self.dim_h)):
             theta = 10000.0 * ratio ** (dim / (dim - 2))
-            exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
-            angles.append(torch.outer(torch.arange(n, dtype=torch.float32, device=device), 1.0 / theta**exponents))
+            exponents = torch.arange(0, dim, 2, dtype=real, device=device) / dim
+            angles.append(torch.outer(torch.arange(n, dtype=real, device=device), 1.0 / theta**exponents))
         t, h, w = angles
         grid = torch.cat(
             [t[:, None, None].expand(T, H, W, -1), h[None, :, None].expand(T, H, W, -1), w[None, None].expand(T, H, W, -1)],
@@ -272,16 +286,17 @@ class RopePositions(nn.Module):
 
 
 class SinusoidalTime(nn.Module):
-    """[cos | sin] of t times frequencies 10000^(-i / (D / 2)), float32; (B, T) -> (B, T, D)."""
+    """[cos | sin] of t times frequencies 10000^(-i / (D / 2)), float32 (float64 for a float64 `dtype`, the model's);
+    (B, T) -> (B, T, D)."""
 
     def __init__(self, dim):
         super().__init__()
         self.dim = dim
 
-    def forward(self, t):
-        half = self.dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        angles = t.float()[..., None] * freqs
+    def forward(self, t, dtype=torch.float32):
+        half, real = self.dim // 2, precision(dtype)
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=real, device=t.device) / half)
+        angles = t.to(real)[..., None] * freqs
         return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
@@ -295,8 +310,8 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, features):
         # float32 weights on purpose (the released use_wan_fp32_strategy): the modulation steers every block
-        h = F.silu(F.linear(features, self.linear_1.weight.float()))
-        return F.linear(h, self.linear_2.weight.float())
+        h = F.silu(F.linear(features, upcast(self.linear_1.weight)))
+        return F.linear(h, upcast(self.linear_2.weight))
 
 
 def modulation(dim, rank, chunks):
@@ -305,9 +320,10 @@ def modulation(dim, rank, chunks):
 
 
 def modulate(mod, emb, lora):
-    """mod(emb) + the shared AdaLN-LoRA term, in float32; emb (B, T, D), lora (B, T, kD) -> k tensors (B, T, 1, D)."""
-    h = F.linear(F.silu(emb), mod[1].weight.float())
-    out = F.linear(h, mod[2].weight.float()) + lora
+    """mod(emb) + the shared AdaLN-LoRA term, in float32 (float64 in a float64 model); emb (B, T, D), lora (B, T, kD)
+    -> k tensors (B, T, 1, D)."""
+    h = F.linear(F.silu(emb), upcast(mod[1].weight))
+    out = F.linear(h, upcast(mod[2].weight)) + lora
     return [c[:, :, None] for c in out.chunk(out.shape[-1] // emb.shape[-1], dim=-1)]
 
 
@@ -461,11 +477,11 @@ class CosmosPredict2(nn.Module):
             padding = padding[:, :, None].expand(B, 1, T, H, W)
         h = self.x_embedder(torch.cat([x, mask, padding], dim=1))  # (B, T', H', W', D)
         _, Tp, Hp, Wp, D = h.shape
-        rope = self.pos_embedder(Tp, Hp, Wp, device=x.device)
+        rope = self.pos_embedder(Tp, Hp, Wp, device=x.device, dtype=h.dtype)
 
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(-1, 1).expand(B, 1) if t.ndim < 2 else t  # (B, 1) shared by all frames, or (B, T')
-        features = self.t_embedder[0](t)  # (B, T, D) float32
+        features = self.t_embedder[0](t, h.dtype)  # (B, T, D) float32 (float64 in a float64 model)
         lora = self.t_embedder[1](features)  # (B, T, 3D)
         emb = self.t_embedding_norm(features)  # (B, T, D), the adaLN input: the normalised sinusoid, not the MLP
         context = self.crossattn_proj(text_embeds.to(h.dtype))  # (B, L, 1024)

@@ -234,27 +234,40 @@ def sample_t_chunks(n, num_frames, chunk_size, grid=None, generator=None, **samp
 # Building blocks
 
 
+def precision(dtype):
+    """What Wan computes in float32 for half-precision weights (norms, residuals, modulation, RoPE, time features)
+    runs in float32, except in a float64 model, where it runs in float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def upcast(x):
+    """x in float32, or in float64 if it is float64 (see `precision`)."""
+    return x.to(precision(x.dtype))
+
+
 def layer_norm(x, eps, weight=None, bias=None):
-    """LayerNorm in float32 whatever the weights' dtype, as Wan keeps its norms (and diffusers' FP32LayerNorm)."""
-    weight = weight.float() if weight is not None else None
-    bias = bias.float() if bias is not None else None
-    return F.layer_norm(x.float(), x.shape[-1:], weight, bias, eps)
+    """LayerNorm in float32 whatever the weights' dtype (float64 in a float64 model), as Wan keeps its norms (and
+    diffusers' FP32LayerNorm)."""
+    weight = upcast(weight) if weight is not None else None
+    bias = upcast(bias) if bias is not None else None
+    return F.layer_norm(upcast(x), x.shape[-1:], weight, bias, eps)
 
 
 class LayerNorm(nn.LayerNorm):
-    """An affine LayerNorm computed in float32."""
+    """An affine LayerNorm computed in float32 (float64 in a float64 model)."""
 
     def forward(self, x):
         return layer_norm(x, self.eps, self.weight, self.bias)
 
 
-def timestep_features(t, dim):
+def timestep_features(t, dim, dtype=torch.float32):
     """Sinusoidal features [cos | sin] of 1000 t with frequencies 10000^(-i / (dim/2)); the angles in float64, as the
-    official Wan (diffusers evaluates them in float32, 3e-5 apart at t = 1)."""
+    official Wan (diffusers evaluates them in float32, 3e-5 apart at t = 1). Returned in float32, or in float64 for
+    a float64 `dtype` (the model's)."""
     half = dim // 2
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     angles = (1000 * t.double())[..., None] * freqs
-    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).to(precision(dtype))
 
 
 def rope_angles(cfg, frames, height, width, frame_offset, device):
@@ -285,9 +298,9 @@ def rope_angles(cfg, frames, height, width, frame_offset, device):
 
 def apply_rope(x, rotation):
     """Rotate the (even, odd) channel pairs of x (B, L, N, D), read as complex numbers, by the unit complex numbers
-    `rotation` (L, 1, D/2), in float32. One complex product: real ops on the even / odd halves run strided and are
-    several times slower on CPU."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    `rotation` (L, 1, D/2), in float32 (float64 in a float64 model). One complex product: real ops on the even / odd
+    halves run strided and are several times slower on CPU."""
+    pairs = torch.view_as_complex(upcast(x).unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
@@ -382,8 +395,9 @@ def modulate(x, frames, shift, scale):
 
 
 def gated_add(x, h, frames, gate):
-    """The residual x + h * gate in float32, per-frame gate (B, F, 1, D), in one pass (addcmul)."""
-    return torch.addcmul(x.float().unflatten(1, (frames, -1)), h.unflatten(1, (frames, -1)), gate).flatten(1, 2)
+    """The residual x + h * gate in float32 (float64 in a float64 model), per-frame gate (B, F, 1, D), in one pass
+    (addcmul)."""
+    return torch.addcmul(upcast(x).unflatten(1, (frames, -1)), h.unflatten(1, (frames, -1)), gate).flatten(1, 2)
 
 
 class Block(nn.Module):
@@ -417,7 +431,7 @@ class Block(nn.Module):
         layer: where the cross-attention keys and values are kept between calls."""
         context_kv = self.cross_kv(context, cache, layer)
         frames = mod.shape[1]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + mod.float())[:, :, :, None].unbind(2)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + upcast(mod))[:, :, :, None].unbind(2)
         h = modulate(layer_norm(x, self.eps), frames, shift1, scale1).type_as(x)
         h = self.attn1.to_out[0](self_attend(*self.attn1.qkv(h, rope)).flatten(2))
         x = gated_add(x, h, frames, gate1).type_as(x)
@@ -478,7 +492,8 @@ class ConditionEmbedder(nn.Module):
 
     def time(self, t):
         """t (B, F) -> temb (B, F, D) for the head, modulation (B, F, 6, D) for the blocks."""
-        features = timestep_features(t, self.freq_dim).to(self.time_proj.weight.dtype)
+        dtype = self.time_proj.weight.dtype
+        features = timestep_features(t, self.freq_dim, dtype).to(dtype)
         temb = self.time_embedder(features)
         return temb, self.time_proj(F.silu(temb)).unflatten(-1, (6, -1))
 
@@ -635,7 +650,9 @@ class WanModel(nn.Module):
         t = (t.reshape(-1, 1) if t.ndim <= 1 else t).expand(B, grid[0])  # (B, F)
         temb, mod = self.condition_embedder.time(t)  # (B, F, D), (B, F, 6, D)
         angles = rope_angles(cfg, *grid, frame_offset, x.device)[:, None]  # (L, 1, D_head / 2)
-        rope = torch.complex(angles.cos().float(), angles.sin().float())  # cos + i sin, complex64 (FSDP keeps it)
+        # cos + i sin, complex64 (FSDP keeps it; complex128 in a float64 model)
+        real = precision(self.proj_out.weight.dtype)
+        rope = torch.complex(angles.cos().to(real), angles.sin().to(real))
 
         # (B, L, D), L = F' H' W'; made contiguous once, else every residual add keeps the channels-first layout and
         # each norm of the blocks copies it again
@@ -670,7 +687,7 @@ class WanModel(nn.Module):
         if features_only:
             return features
 
-        shift, scale = (self.scale_shift_table[:, None] + temb.float()[:, :, None]).unbind(2)  # (B, F, D) each
+        shift, scale = (self.scale_shift_table[:, None] + upcast(temb)[:, :, None]).unbind(2)  # (B, F, D) each
         h = modulate(layer_norm(h, cfg.eps), grid[0], shift[:, :, None], scale[:, :, None])
         out = self.unpatchify(self.proj_out(h.type_as(x)), grid)  # (B, C_out, F, H, W)
         return (out, features) if len(feature_indices) else out

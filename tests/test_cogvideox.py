@@ -19,8 +19,17 @@ ROOT = os.path.dirname(HERE)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
+# Golden parity runs in float64: the model (`.double()`, inputs cast exactly) against diffusers run in float64 on the
+# same weights and inputs (the fixtures' `output.*.f64`, tests/generate/reference_float64.py: its time embedding,
+# positions, RoPE and DDIM loop in float64 too). Measured: at most 3.7e-15 of the output scale (forward 0 to 3.7e-16,
+# 3 or 4 DDIM steps 2.1e-15 and 3.7e-15), at 1 and 2 threads; float32 sits near 1e-6. The bound leaves four orders of
+# magnitude to other machines and kernels and is four below float32's noise.
+FLOAT64_BOUND = 1e-10
+
+
 def load_fixture(name):
-    """Weights under the real key names, the other tensors (inputs, diffusers' outputs), and the config.json text."""
+    """Weights under the real key names, the other tensors (inputs, diffusers' float32 and float64 outputs), and the
+    config.json text."""
     with safe_open(os.path.join(HERE, "fixtures", f"cogvideox_{name}.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         config_json = f.metadata()["config"]
@@ -28,11 +37,18 @@ def load_fixture(name):
     return weights, tensors, config_json
 
 
-def fixture_model(name):
+def fixture_model(name, dtype=torch.float32):
+    """The fixture's model and tensors; for float64 the model and every float tensor cast (exactly) to float64."""
     weights, tensors, config_json = load_fixture(name)
     model = cv.CogVideoXTransformer(cv.config_from_diffusers(json.loads(config_json))).eval()
     model.load_state_dict(weights, strict=True)
+    if dtype == torch.float64:
+        model, tensors = model.double(), double(tensors)
     return model, tensors
+
+
+def double(tensors):
+    return {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def ours(video):
@@ -90,46 +106,78 @@ def test_presets_carry_the_released_schedule_and_positions():
 @pytest.mark.parametrize("name", ["2b", "5b"])
 def test_matches_diffusers_outputs_and_block_features(name):
     """2b: sin-cos table on an 8 x 12 latent. 5b: RoPE on an 8 x 8 latent whose grid is cropped into a 4 x 6 base
-    grid (crop columns 1..5), computed as CogVideoXPipeline does."""
-    model, t = fixture_model(name)
+    grid (crop columns 1..5), computed as CogVideoXPipeline does. float64 against diffusers in float64; bound
+    FLOAT64_BOUND (measured 2b 0 and 0, 5b 3.7e-16 and 1e-16)."""
+    model, t = fixture_model(name, torch.float64)
     with torch.no_grad():
         out, features = model(ours(t["input.video"]), t["input.timestep"], t["input.text"], feature_indices={0})
         early = model(ours(t["input.video"]), t["input.timestep"], t["input.text"], {0}, features_only=True)
-    assert relative_error(out, ours(t["output.sample"])) < 1e-5
+    assert out.dtype == torch.float64
+    assert relative_error(out, ours(t["output.sample.f64"])) < FLOAT64_BOUND
     B, C, T, H, W = out.shape
-    expected = model.unpatchify(t["output.block0"], T, H // 2, W // 2)  # diffusers' video tokens after block 0
+    expected = model.unpatchify(t["output.block0.f64"], T, H // 2, W // 2)  # diffusers' video tokens after block 0
     assert features[0].shape == (B, model.dim // 4, T, H, W)
-    assert relative_error(features[0], expected) < 1e-5
+    assert relative_error(features[0], expected) < FLOAT64_BOUND
     assert torch.equal(early[0], features[0])
 
 
 @pytest.mark.parametrize("name", ["2b", "5b"])
 def test_ddim_with_guidance_matches_the_pipeline_loop(name):
     """CogVideoXPipeline's loop with CogVideoXDDIMScheduler and guidance 6: 4 trailing steps on the 2b (999, 749, 499,
-    249), 3 on the 5b (999, 666, 332, where the scheduler steps to 333 and 0 before evaluating at 332 and -1)."""
-    model, t = fixture_model(name)
+    249), 3 on the 5b (999, 666, 332, where the scheduler steps to 333 and 0 before evaluating at 332 and -1).
+    float64 against the loop in float64; bound FLOAT64_BOUND (measured 2.1e-15 and 3.7e-15)."""
+    model, t = fixture_model(name, torch.float64)
     steps = len(t["output.ddim_timesteps"])
     assert cv.ddim_timesteps(steps) == t["output.ddim_timesteps"].tolist()
     noise = ours(t["input.noise"])
     latents = cv.sample_ddim(model, noise, t["input.text"], t["input.negative_text"], steps=steps, guidance=6.0)
-    assert relative_error(latents, ours(t["output.ddim"])) < 1e-5
+    assert latents.dtype == torch.float64 and relative_error(latents, ours(t["output.ddim.f64"])) < FLOAT64_BOUND
+
+
+@pytest.mark.parametrize("name", ["2b", "5b"])
+def test_float32_stays_within_diffusers_own_float32_error(name):
+    """The float32 model (float32 time features as the original, float64 angles for the positions and RoPE rounded
+    to float32) against diffusers' float64 outputs: forward, block-0 features and the DDIM loop. Bound: 20x diffusers'
+    own float32 error on each output (its float32 output against its float64 one, read from the fixture: 3.8e-7 to
+    3.6e-6 of the scale). Measured at 1 and 2 threads: 3.3e-7 to 3.6e-6, at most 1.4x the reference's own error."""
+    model, t = fixture_model(name)
+    steps = len(t["output.ddim_timesteps"])
+    with torch.no_grad():
+        out, features = model(ours(t["input.video"]), t["input.timestep"], t["input.text"], feature_indices={0})
+    noise, text, negative = ours(t["input.noise"]), t["input.text"], t["input.negative_text"]
+    B, C, T, H, W = out.shape
+    cases = {
+        "sample": (out, ours),
+        "block0": (features[0], lambda tokens: model.unpatchify(tokens, T, H // 2, W // 2)),
+        "ddim": (cv.sample_ddim(model, noise, text, negative, steps=steps, guidance=6.0), ours),
+    }
+    for key, (got, layout) in cases.items():
+        assert got.dtype == torch.float32
+        exact = layout(t[f"output.{key}.f64"])
+        diffusers_float32_error = relative_error(layout(t[f"output.{key}"]), exact)
+        assert relative_error(got, exact) < 20 * diffusers_float32_error, key
 
 
 def test_full_size_position_tables_match_diffusers():
     """The 2b's sin-cos table and the 5b's RoPE at the released 13 x 30 x 45 token grid (49 frames at 480 x 720), and
-    RoPE for a wider 30 x 53 grid cropped into the training grid, at stored tokens."""
+    RoPE for a wider 30 x 53 grid cropped into the training grid, at stored tokens. In float64 against diffusers'
+    functions run in float64 (`*.f64`): measured at most 3.6e-15, bound 1e-12 (float32 rounds at 6e-8; diffusers'
+    float32 tables are 1.4e-6 off theirs). The float32 tables are the float64 ones, rounded."""
     with safe_open(os.path.join(HERE, "fixtures", "cogvideox_positions.safetensors"), framework="pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}
     tokens = t["tokens"]
     with torch.device("meta"):
         two = cv.CogVideoXTransformer(cv.CONFIGS["cogvideox-2b"])
         five = cv.CogVideoXTransformer(cv.CONFIGS["cogvideox-5b"])
-    table, _ = two.positions(13, 30, 45, "cpu")
-    assert (table[tokens] - t["sincos.2b"]).abs().max() < 1e-6
+    table, _ = two.positions(13, 30, 45, "cpu", torch.float64)
+    assert table.dtype == torch.float64 and (table[tokens] - t["sincos.2b.f64"]).abs().max() < 1e-12
+    assert torch.equal(two.positions(13, 30, 45, "cpu")[0], table.float())
     for width in (45, 53):
-        _, (cos, sin) = five.positions(13, 30, width, "cpu")
-        assert (cos[tokens] - t[f"rope.{width}.cos"]).abs().max() < 1e-5
-        assert (sin[tokens] - t[f"rope.{width}.sin"]).abs().max() < 1e-5
+        _, (cos, sin) = five.positions(13, 30, width, "cpu", torch.float64)
+        assert (cos[tokens] - t[f"rope.{width}.cos.f64"]).abs().max() < 1e-12
+        assert (sin[tokens] - t[f"rope.{width}.sin.f64"]).abs().max() < 1e-12
+        cos32, sin32 = five.positions(13, 30, width, "cpu")[1]
+        assert torch.equal(cos32, cos.float()) and torch.equal(sin32, sin.float())
 
 
 def test_rope_crop_region_and_tables():
@@ -227,16 +275,19 @@ def test_forward_and_backward_on_tiny(name):
 
 
 def test_guidance_and_student_sampling():
-    model, t = fixture_model("5b")
+    """Guidance in one batch of 2B against two calls, in float64: measured 6e-15 (float32: 3.6e-6 of a scale of 3.7,
+    batch-size-dependent kernels), bound 1e-12."""
+    model, t = fixture_model("5b", torch.float64)
     x, text, negative = ours(t["input.noise"]), t["input.text"], t["input.negative_text"]
     with torch.no_grad():
         cond, uncond = model(x, 500.0, text), model(x, 500.0, negative)
-        assert torch.allclose(cv.guided(model, x, 500.0, text, negative, 4.0), uncond + 4 * (cond - uncond), atol=1e-5)
+        guided = cv.guided(model, x, 500.0, text, negative, 4.0)
+        assert torch.allclose(guided, uncond + 4 * (cond - uncond), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="guidance needs negative_text"):
         cv.guided(model, x, 500.0, text, guidance=4.0)
     one = cv.sample_student(model, x, text)
-    with torch.no_grad():  # one step from t = 999, where alpha = 0: x0 = -v
-        assert torch.allclose(one, -model(x, 999.0, text), atol=1e-6)
+    with torch.no_grad():  # one step from t = 999, where alpha = 0: x0 = -v (measured: exact)
+        assert torch.allclose(one, -model(x, 999.0, text), atol=1e-12)
     two = cv.sample_student(model, x, text, steps=2, generator=torch.Generator().manual_seed(0))
     assert two.shape == x.shape and two.isfinite().all()
 
@@ -273,12 +324,12 @@ def test_from_pretrained_local_sharded_folder_and_file(tmp_path):
     write_sharded(str(tmp_path / "repo" / "transformer"), weights, config_json, scheduler_shift=1.5)
     index = tmp_path / "repo" / "transformer" / (WEIGHTS + ".index.json")
     for source in (tmp_path / "repo", tmp_path / "repo" / "transformer", index):
-        model = cv.from_pretrained(str(source))
+        model = cv.from_pretrained(str(source), dtype=torch.float64)
         assert not any(p.is_meta for p in model.parameters())
         assert model.cfg.snr_shift_scale == 1.5  # from ../scheduler/scheduler_config.json
         with torch.no_grad():
-            out = model(ours(t["input.video"]), t["input.timestep"], t["input.text"])
-        assert relative_error(out, ours(t["output.sample"])) < 1e-5
+            out = model(ours(t["input.video"].double()), t["input.timestep"], t["input.text"].double())
+        assert relative_error(out, ours(t["output.sample.f64"])) < FLOAT64_BOUND  # against diffusers in float64
 
     save_file(weights, str(tmp_path / "bare.safetensors"))
     with pytest.raises(FileNotFoundError, match="no config.json next to"):
@@ -318,17 +369,18 @@ def test_from_pretrained_reads_the_hub_cache_offline(tmp_path):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     write_sharded(str(repo / "snapshots" / commit / "transformer"), weights, config_json, scheduler_shift=3.0)
-    io = {k: t[k] for k in ("input.video", "input.timestep", "input.text", "output.sample")}
+    io = {k: t[k].double() for k in ("input.video", "input.timestep", "input.text", "output.sample.f64")}
     save_file(io, str(tmp_path / "io.safetensors"))
     script = f"""
 import torch
 from safetensors.torch import load_file
 from models import cogvideox as cv
 io = load_file({str(tmp_path / "io.safetensors")!r})
-model = cv.from_pretrained("org/tiny-cogvideox")
+model = cv.from_pretrained("org/tiny-cogvideox", dtype=torch.float64)
 with torch.no_grad():
     out = model(io["input.video"].transpose(1, 2), io["input.timestep"], io["input.text"]).transpose(1, 2)
-print("error", ((out - io["output.sample"]).abs().max() / io["output.sample"].abs().max()).item())
+expected = io["output.sample.f64"]
+print("error", ((out - expected).abs().max() / expected.abs().max()).item())
 try:
     cv.from_pretrained("org/absent")
 except FileNotFoundError as e:
@@ -340,7 +392,7 @@ except FileNotFoundError as e:
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert float(lines[0].split()[-1]) < 1e-5
+    assert float(lines[0].split()[-1]) < FLOAT64_BOUND  # loaded in float64, against diffusers in float64
     assert lines[1].startswith("absent: org/absent is not in the Hugging Face cache")
     assert "hf download org/absent --include 'transformer/*'" in lines[1]
 

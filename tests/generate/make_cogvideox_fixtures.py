@@ -12,13 +12,17 @@ Outputs (committed; the tests need only torch and safetensors):
                                            the real key names; inputs (B, T, C, H, W as diffusers takes them), the output,
                                            the video tokens after block 0, and a few CFG DDIM steps of CogVideoXDDIMScheduler
                                            run with this transformer as the pipeline's loop does; the metadata holds the
-                                           config.json
+                                           config.json. Each output `output.X` is there twice: diffusers in float32, and
+                                           as `output.X.f64` diffusers in float64 on the same weights and inputs (cast
+                                           exactly), float32 meaning float64 throughout (reference_float64.py: the time
+                                           embedding, positions, RoPE and the DDIM loop too)
   tests/fixtures/cogvideox_schedule.safetensors
                                            CogVideoXDDIMScheduler's alphas_cumprod for snr_shift_scale 3.0 (2b) and 1.0 (5b)
   tests/fixtures/cogvideox_positions.safetensors
                                            rows of the full-size position tables at some tokens: the 2b's sin-cos table
                                            (13 x 30 x 45 tokens) and the 5b's RoPE cos/sin for 13 x 30 x 45 and for a
-                                           wider 13 x 30 x 53 grid (cropped into the 30 x 45 training grid)
+                                           wider 13 x 30 x 53 grid (cropped into the 30 x 45 training grid); each table
+                                           also as `<key>.f64`, diffusers' functions run in float64
 """
 
 import importlib.abc
@@ -30,6 +34,7 @@ import sys
 import types
 
 import torch
+from reference_float64 import float32_is_float64, keep_committed, print_float32_error
 from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -169,15 +174,21 @@ def main():
     save_file(schedule, path, metadata={"generator": "tests/generate/make_cogvideox_fixtures.py"})
     print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB")
 
-    positions = {"tokens": TOKENS}
-    net = CogVideoXTransformer3DModel(**dict(REAL_2B, num_attention_heads=1, num_layers=0))
-    net.patch_embed.embed_dim = 30 * 64  # the table depends on the width only; built for the real 1920
-    table = net.patch_embed._get_positional_embeddings(60, 90, 49)[0, REAL_2B["max_text_seq_length"] :]
-    positions["sincos.2b"] = table[TOKENS].float()
-    for grid in ((30, 45), (30, 53)):  # as CogVideoXPipeline._prepare_rotary_positional_embeddings with patch 2
-        crop = get_resize_crop_region_for_grid(grid, 90 // 2, 60 // 2)
-        cos, sin = get_3d_rotary_pos_embed(64, crop, grid, 13)
-        positions[f"rope.{grid[1]}.cos"], positions[f"rope.{grid[1]}.sin"] = cos[TOKENS], sin[TOKENS]
+    def position_tables(suffix=""):
+        net = CogVideoXTransformer3DModel(**dict(REAL_2B, num_attention_heads=1, num_layers=0))
+        net.patch_embed.embed_dim = 30 * 64  # the table depends on the width only; built for the real 1920
+        table = net.patch_embed._get_positional_embeddings(60, 90, 49)[0, REAL_2B["max_text_seq_length"] :]
+        tables = {f"sincos.2b{suffix}": table[TOKENS].float()}
+        for grid in ((30, 45), (30, 53)):  # as CogVideoXPipeline._prepare_rotary_positional_embeddings with patch 2
+            crop = get_resize_crop_region_for_grid(grid, 90 // 2, 60 // 2)
+            cos, sin = get_3d_rotary_pos_embed(64, crop, grid, 13)
+            tables[f"rope.{grid[1]}.cos{suffix}"], tables[f"rope.{grid[1]}.sin{suffix}"] = cos[TOKENS], sin[TOKENS]
+        return tables
+
+    positions = {"tokens": TOKENS, **position_tables()}
+    with float32_is_float64():
+        positions.update(position_tables(".f64"))
+    assert all(v.dtype == torch.float64 for k, v in positions.items() if k.endswith(".f64"))
     path = os.path.join(TESTS, "fixtures", "cogvideox_positions.safetensors")
     save_file(positions, path, metadata={"generator": "tests/generate/make_cogvideox_fixtures.py"})
     print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB")
@@ -188,53 +199,67 @@ def main():
         randomize(net, g)
         B, T, C, (H, W) = 2, 3, 4, case["size"]
         cfg = net.config
-        rotary = None
-        if cfg.use_rotary_positional_embeddings:  # CogVideoXPipeline._prepare_rotary_positional_embeddings
-            p = cfg.patch_size
-            grid = (H // p, W // p)
-            crop = get_resize_crop_region_for_grid(grid, cfg.sample_width // p, cfg.sample_height // p)
-            rotary = get_3d_rotary_pos_embed(cfg.attention_head_dim, crop, grid, T)
-
         video = torch.randn(B, T, C, H, W, generator=g)
         text = torch.randn(B, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g)
         negative = torch.randn(B, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g)
         timestep = torch.tensor([10.0, 937.5])
-        block0 = []
-        hook = net.transformer_blocks[0].register_forward_hook(lambda m, i, out, store=block0: store.append(out[0]))
-        with torch.no_grad():
-            out = net(video, text, timestep, image_rotary_emb=rotary).sample
-        hook.remove()
+        noise = torch.randn(B, T, C, H, W, generator=g)
+        inputs = {"input.video": video, "input.text": text, "input.negative_text": negative, "input.timestep": timestep,
+                  "input.noise": noise}  # fmt: skip
+        outputs, timesteps = run(net, inputs, name, case["steps"], CogVideoXDDIMScheduler, get_3d_rotary_pos_embed,
+                                 get_resize_crop_region_for_grid)  # fmt: skip
+        with torch.no_grad(), float32_is_float64():
+            net64 = CogVideoXTransformer3DModel.from_config(net.config).eval()
+            net64.load_state_dict(net.state_dict())
+            assert all(v.dtype == torch.float64 for v in net64.state_dict().values())
+            inputs64 = {k: v.double() for k, v in inputs.items()}
+            outputs64, _ = run(net64, inputs64, name, case["steps"], CogVideoXDDIMScheduler, get_3d_rotary_pos_embed,
+                               get_resize_crop_region_for_grid)  # fmt: skip
 
-        # The denoising loop of CogVideoXPipeline (guidance_scale 6, no dynamic CFG) with CogVideoXDDIMScheduler.
-        scheduler = CogVideoXDDIMScheduler(**SCHEDULER, snr_shift_scale=SNR_SHIFT[name])
-        scheduler.set_timesteps(case["steps"])
-        latents = torch.randn(B, T, C, H, W, generator=g)
-        tensors = {"input.noise": latents.clone()}
-        with torch.no_grad():
-            for t in scheduler.timesteps:
-                pred = net(
-                    torch.cat([latents] * 2), torch.cat([negative, text]), t.expand(2 * B), image_rotary_emb=rotary
-                )
-                uncond, cond = pred.sample.float().chunk(2)
-                latents = scheduler.step(uncond + 6.0 * (cond - uncond), t, latents, return_dict=False)[0]
-
-        tensors.update(net.state_dict())
-        tensors.update({
-            "input.video": video,
-            "input.text": text,
-            "input.negative_text": negative,
-            "input.timestep": timestep,
-            "output.sample": out,
-            "output.block0": block0[0],
-            "output.ddim": latents,
-            "output.ddim_timesteps": scheduler.timesteps.clone(),
-        })  # fmt: skip
+        tensors = dict(net.state_dict())
+        tensors.update(inputs)
+        tensors.update(outputs)
+        tensors.update({f"{k}.f64": v for k, v in outputs64.items()})
+        tensors["output.ddim_timesteps"] = timesteps
         path = os.path.join(TESTS, "fixtures", f"cogvideox_{name}.safetensors")
         metadata = {"generator": "tests/generate/make_cogvideox_fixtures.py", "config": net.to_json_string()}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+        tensors = keep_committed(path, {k: v.contiguous() for k, v in tensors.items()})
+        save_file(tensors, path, metadata=metadata)
         print(
-            f"{path}: {os.path.getsize(path) / 1e3:.0f} KB, output {tuple(out.shape)}, timesteps {scheduler.timesteps.tolist()}"
+            f"{path}: {os.path.getsize(path) / 1e3:.0f} KB, output {tuple(outputs['output.sample'].shape)}, "
+            f"timesteps {timesteps.tolist()}"
         )
+        print_float32_error(name, tensors)
+
+
+def run(net, inputs, name, steps, CogVideoXDDIMScheduler, get_3d_rotary_pos_embed, get_resize_crop_region_for_grid):
+    """diffusers' outputs on the inputs: one forward (and the video tokens after block 0), and CogVideoXPipeline's
+    denoising loop (guidance_scale 6, no dynamic CFG) with CogVideoXDDIMScheduler from input.noise."""
+    video, text, negative, timestep = (inputs[f"input.{k}"] for k in ("video", "text", "negative_text", "timestep"))
+    B, T, C, H, W = video.shape
+    cfg = net.config
+    rotary = None
+    if cfg.use_rotary_positional_embeddings:  # CogVideoXPipeline._prepare_rotary_positional_embeddings
+        p = cfg.patch_size
+        grid = (H // p, W // p)
+        crop = get_resize_crop_region_for_grid(grid, cfg.sample_width // p, cfg.sample_height // p)
+        rotary = get_3d_rotary_pos_embed(cfg.attention_head_dim, crop, grid, T)
+    block0 = []
+    hook = net.transformer_blocks[0].register_forward_hook(lambda m, i, out, store=block0: store.append(out[0]))
+    with torch.no_grad():
+        out = net(video, text, timestep, image_rotary_emb=rotary).sample
+    hook.remove()
+
+    scheduler = CogVideoXDDIMScheduler(**SCHEDULER, snr_shift_scale=SNR_SHIFT[name])
+    scheduler.set_timesteps(steps)
+    latents = inputs["input.noise"].clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            pred = net(torch.cat([latents] * 2), torch.cat([negative, text]), t.expand(2 * B), image_rotary_emb=rotary)
+            uncond, cond = pred.sample.float().chunk(2)
+            latents = scheduler.step(uncond + 6.0 * (cond - uncond), t, latents, return_dict=False)[0]
+    outputs = {"output.sample": out, "output.block0": block0[0], "output.ddim": latents}
+    return outputs, scheduler.timesteps.clone()
 
 
 if __name__ == "__main__":

@@ -17,13 +17,18 @@ Outputs (committed; the tests need only torch and safetensors):
                                             the same model with tiling on (enable_tiling() defaults: tiles of half the
                                             sample size): a 9-frame 56 x 48 video (2 x 2 tiles, the last ones partial),
                                             the tiled encoder's posterior mean and the tiled decoding of that mean
+Each output `output.X` is there twice: diffusers in float32, and as `output.X.f64` diffusers in float64 on the same
+weights and inputs (cast exactly; the tiled decoding starts from the float32 `output.mean`, as the tests do; posterior
+samples draw float64 noise), float32 meaning float64 throughout (reference_float64.py).
 """
 
+import contextlib
 import math
 import os
 import sys
 
 import torch
+from reference_float64 import float32_is_float64, keep_committed, print_float32_error
 from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -111,33 +116,62 @@ def main():
     g = torch.Generator().manual_seed(0)
     vae = AutoencoderKLCogVideoX(**TINY).eval()
     randomize(vae, g)
+    with torch.no_grad(), float32_is_float64():
+        vae64 = AutoencoderKLCogVideoX.from_config(vae.config).eval()
+        vae64.load_state_dict(vae.state_dict())
+        assert all(v.dtype == torch.float64 for v in vae64.state_dict().values())
     tensors = dict(vae.state_dict())
     videos = {
         "video": torch.rand(2, 3, 17, 32, 24, generator=g) * 2 - 1,  # (B, C, T, H, W), T = 1 + 8 * 2
         "image": torch.rand(1, 3, 1, 32, 24, generator=g) * 2 - 1,  # a single frame
     }
-    with torch.no_grad():
-        for name, x in videos.items():
-            posterior = vae.encode(x).latent_dist
-            tensors[f"input.{name}"] = x
-            tensors[f"output.{name}.mean"] = posterior.mean
-            tensors[f"output.{name}.logvar"] = posterior.logvar
-            tensors[f"output.{name}.sample"] = posterior.sample(generator=torch.Generator().manual_seed(7))
-            tensors[f"output.{name}.decoded"] = vae.decode(posterior.mean).sample
-            print(f"{name}: {tuple(x.shape)} -> latents {tuple(posterior.mean.shape)}")
+    for name, x in videos.items():
+        tensors[f"input.{name}"] = x
+        for net, cast, suffix, context in ((vae, same, "", torch.no_grad), (vae64, double, ".f64", in_float64)):
+            with context():
+                posterior = net.encode(cast(x)).latent_dist
+                tensors[f"output.{name}.mean{suffix}"] = posterior.mean
+                tensors[f"output.{name}.logvar{suffix}"] = posterior.logvar
+                sample = posterior.sample(generator=torch.Generator().manual_seed(7))
+                tensors[f"output.{name}.sample{suffix}"] = sample
+                tensors[f"output.{name}.decoded{suffix}"] = net.decode(posterior.mean).sample
+        print(f"{name}: {tuple(x.shape)} -> latents {tuple(posterior.mean.shape)}")
     metadata = {"generator": "tests/generate/make_cogvideox_vae_fixtures.py", "config": vae.to_json_string()}
     path = os.path.join(TESTS, "fixtures", "cogvideox_vae_tiny.safetensors")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    tensors = keep_committed(path, {k: v.contiguous() for k, v in tensors.items()})
+    save_file(tensors, path, metadata=metadata)
     print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB")
+    print_float32_error("cogvideox_vae_tiny", tensors)
 
     vae.enable_tiling()
+    vae64.enable_tiling()
     video = torch.rand(1, 3, 9, 56, 48, generator=g) * 2 - 1
     with torch.no_grad():
         mean = vae.encode(video).latent_dist.mean
         tiled = {"input.video": video, "output.mean": mean, "output.decoded": vae.decode(mean).sample}
     path = os.path.join(TESTS, "fixtures", "cogvideox_vae_tiny_tiled.safetensors")
-    save_file({k: v.contiguous() for k, v in tiled.items()}, path, metadata=metadata)
+    tiled = keep_committed(path, {k: v.contiguous() for k, v in tiled.items()})
+    with in_float64():  # the tiled decoding starts from the (kept) float32 mean, as the tests decode it
+        tiled["output.mean.f64"] = vae64.encode(video.double()).latent_dist.mean
+        tiled["output.decoded.f64"] = vae64.decode(tiled["output.mean"].double()).sample
+    tiled = keep_committed(path, {k: v.contiguous() for k, v in tiled.items()})
+    save_file(tiled, path, metadata=metadata)
     print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB, tiled latents {tuple(mean.shape)}")
+    print_float32_error("cogvideox_vae_tiny_tiled", tiled)
+
+
+def same(x):
+    return x
+
+
+def double(x):
+    return x.double()
+
+
+@contextlib.contextmanager
+def in_float64():
+    with torch.no_grad(), float32_is_float64():
+        yield
 
 
 if __name__ == "__main__":

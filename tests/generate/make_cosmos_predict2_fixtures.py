@@ -1,7 +1,7 @@
 """Write the Cosmos Predict 2.5 key manifests and golden-parity fixture from FastGen's port of the official network.
 
     git clone https://github.com/NVlabs/FastGen /tmp/fastgen      # checked at 34f30e8
-    pip install --target /tmp/oracle-extra einops omegaconf loguru attrs
+    pip install --target /tmp/oracle-extra einops omegaconf loguru attrs ftfy && pip install --target /tmp/oracle-extra --no-deps imageio
     PYTHONPATH=/tmp/oracle-extra python tests/generate/make_cosmos_predict2_fixtures.py --fastgen_repo /tmp/fastgen
 
 (needs torch, diffusers, transformers and scipy as FastGen imports them at module level; a torchvision that does not
@@ -18,7 +18,11 @@ Outputs (committed; the tests need only torch and safetensors):
   tests/fixtures/cosmos_predict2_tiny.safetensors
                                   a tiny network with random weights (real key names), fixed inputs, and FastGen's
                                   outputs: text2world flow, video2world flow (condition mask, replaced frames, per-frame
-                                  times) and x0 (per-sample times), a given padding mask, and block features
+                                  times) and x0 (per-sample times), a given padding mask, and block features. Each
+                                  output `output.X` is there twice: FastGen in float32, and as `output.X.f64` FastGen
+                                  in float64 on the same weights and inputs (cast exactly; its RoPE buffers computed
+                                  in float64), float32 meaning float64 throughout (reference_float64.py: the time
+                                  embedding, RoPE and the use_wan_fp32_strategy casts too)
 """
 
 import argparse
@@ -31,6 +35,7 @@ import sys
 import types
 
 import torch
+from reference_float64 import float32_is_float64, keep_committed, print_float32_error
 from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -187,35 +192,53 @@ def main():
     mask[:, :, :1] = 1.0
     t_frames = t[:, None] * (1 - mask[:, 0, :, 0, 0])  # conditioned frames at time 0, as FastGen's sampler
     padding = (torch.rand(B, 1, 2 * H, 2 * W, generator=g) > 0.5).float()  # pixel-sized: resized to the latent
-    v2w = {"text_embeds": text, "conditioning_latents": cond_latents, "condition_mask": mask}
+    inputs = {
+        "input.x": x,
+        "input.t": t,
+        "input.t_frames": t_frames,
+        "input.text": text,
+        "input.cond_latents": cond_latents,
+        "input.condition_mask": mask,
+        "input.padding_mask": padding,
+    }
     with torch.no_grad():
-        out = {
-            "output.t2w": net(x, t, text),
-            "output.v2w": net(x, t_frames, v2w),
-            # x0 with per-sample times: FastGen's conversion does not broadcast per-frame times (B, T) over (B, C, T, H, W)
-            "output.v2w_x0": net(x, t, v2w, fwd_pred_type="x0"),
-            "output.padding": net(x, t, text, padding_mask=padding),
-        }
-        flow, features = net(x, t, text, feature_indices={0, 1})
-        assert torch.equal(flow, out["output.t2w"])
-        out["output.features0"], out["output.features1"] = features
+        out = outputs(net, inputs)
+    with torch.no_grad(), float32_is_float64():
+        # Built in float64, so that its RoPE buffers (positions and exponents, not learned) are computed in float64
+        # rather than loaded float32-rounded; every learned weight is the float32 one.
+        net64 = CosmosPredict2(**TINY, enable_logvar_linear=False).eval()
+        missing, unexpected = net64.load_state_dict(
+            {k: v for k, v in net.state_dict().items() if ".pos_embedder." not in k}, strict=False
+        )
+        assert not unexpected and missing and all(".pos_embedder." in k for k in missing), (missing, unexpected)
+        assert all(v.dtype == torch.float64 for v in net64.state_dict().values())
+        out64 = outputs(net64, {k: v.double() for k, v in inputs.items()})
     tensors = {strip(k): v.contiguous() for k, v in net.state_dict().items()}
-    tensors.update(
-        {
-            "input.x": x,
-            "input.t": t,
-            "input.t_frames": t_frames,
-            "input.text": text,
-            "input.cond_latents": cond_latents,
-            "input.condition_mask": mask,
-            "input.padding_mask": padding,
-            **out,
-        }
-    )
+    tensors.update({**inputs, **out, **{f"{k}.f64": v for k, v in out64.items()}})
     path = os.path.join(TESTS, "fixtures", "cosmos_predict2_tiny.safetensors")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"config": json.dumps(TINY)})
+    tensors = keep_committed(path, {k: v.contiguous() for k, v in tensors.items()})
+    save_file(tensors, path, metadata={"config": json.dumps(TINY)})
     print(path, os.path.getsize(path), "bytes")
+    print_float32_error("cosmos_predict2_tiny", tensors)
     check_diffusers(tensors)
+
+
+def outputs(net, inputs):
+    """FastGen's outputs on the fixture's inputs."""
+    x, t, t_frames, text = (inputs[f"input.{k}"] for k in ("x", "t", "t_frames", "text"))
+    v2w = {"text_embeds": text, "conditioning_latents": inputs["input.cond_latents"]}
+    v2w["condition_mask"] = inputs["input.condition_mask"]
+    out = {
+        "output.t2w": net(x, t, text),
+        "output.v2w": net(x, t_frames, v2w),
+        # x0 with per-sample times: FastGen's conversion does not broadcast per-frame times (B, T) over (B, C, T, H, W)
+        "output.v2w_x0": net(x, t, v2w, fwd_pred_type="x0"),
+        "output.padding": net(x, t, text, padding_mask=inputs["input.padding_mask"]),
+    }
+    flow, features = net(x, t, text, feature_indices={0, 1})
+    assert torch.equal(flow, out["output.t2w"])
+    out["output.features0"], out["output.features1"] = features
+    return out
 
 
 if __name__ == "__main__":

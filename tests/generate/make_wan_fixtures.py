@@ -13,7 +13,9 @@ Outputs (committed; the tests need only torch and safetensors):
         models/wan.py's OFFICIAL_KEYS table is checked to rename every key as diffusers' single-file converter does
   tests/fixtures/wan_{t2v,i2v,vace}.safetensors
         a tiny diffusers model with random weights (real key names), inputs and diffusers' outputs; T2V also with
-        per-frame times (given to diffusers as per-token times); metadata holds the config.json
+        per-frame times (given to diffusers as per-token times); metadata holds the config.json. Each output
+        `output.X` is there twice: diffusers in float32, and as `output.X.f64` diffusers in float64 on the same
+        weights and inputs (cast exactly), float32 meaning float64 throughout (reference_float64.py)
 """
 
 import importlib.abc
@@ -25,6 +27,7 @@ import sys
 import types
 
 import torch
+from reference_float64 import float32_is_float64, keep_committed, print_float32_error
 from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -133,11 +136,23 @@ def randomize(net, generator):
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator))
 
 
+def float64_outputs(model, run):
+    """run(model64, f): model64 the same diffusers model built in float64 (its RoPE tables too, which a cast copy
+    would keep float32-rounded) with the same weights, f casting a float32 input to float64 (exactly)."""
+    with torch.no_grad(), float32_is_float64():
+        model64 = type(model).from_config(model.config).eval()
+        model64.load_state_dict(model.state_dict())
+        assert all(v.dtype == torch.float64 for v in model64.state_dict().values())
+        return run(model64, lambda v: v.double())
+
+
 def save_fixture(name, model, tensors):
     path = os.path.join(TESTS, "fixtures", f"wan_{name}.safetensors")
     tensors = {**model.state_dict(), **tensors}
     metadata = {"generator": "tests/generate/make_wan_fixtures.py", "config": model.to_json_string()}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    tensors = keep_committed(path, {k: v.contiguous() for k, v in tensors.items()})
+    save_file(tensors, path, metadata=metadata)
+    print_float32_error(name, tensors)
     print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB")
 
 
@@ -176,8 +191,13 @@ def main():
         out = model(x, (1000 * t).float(), text).sample
         per_token = (1000 * t_frames).float().repeat_interleave((H // 2) * (W // 2), dim=1)  # (B, F H' W')
         out_frames = model(x, per_token, text).sample
+    out64, out_frames64 = float64_outputs(model, lambda m, f: (
+        m(f(x), 1000 * t, f(text)).sample,
+        m(f(x), (1000 * t_frames).repeat_interleave((H // 2) * (W // 2), dim=1), f(text)).sample,
+    ))  # fmt: skip
     save_fixture("t2v", model, {"input.x": x, "input.t": t, "input.t_frames": t_frames, "input.text": text,
-                                "output.flow": out, "output.flow_frames": out_frames})  # fmt: skip
+                                "output.flow": out, "output.flow_frames": out_frames,
+                                "output.flow.f64": out64, "output.flow_frames.f64": out_frames64})  # fmt: skip
 
     # diffusers splits the image tokens off the front of a 512-token text context: the text must be 512 tokens long
     model = WanTransformer3DModel(**TINY_I2V).eval()
@@ -187,8 +207,12 @@ def main():
     image_latents = torch.randn(B, 8, T, H, W, generator=g)
     with torch.no_grad():
         out = model(torch.cat([x, image_latents], 1), (1000 * t).float(), long_text, image_tokens).sample
+    out64 = float64_outputs(
+        model, lambda m, f: m(f(torch.cat([x, image_latents], 1)), 1000 * t, f(long_text), f(image_tokens)).sample
+    )
     save_fixture("i2v", model, {"input.x": x, "input.t": t, "input.text": long_text, "input.image_tokens": image_tokens,
-                                "input.image_latents": image_latents, "output.flow": out})  # fmt: skip
+                                "input.image_latents": image_latents, "output.flow": out,
+                                "output.flow.f64": out64})  # fmt: skip
 
     model = WanVACETransformer3DModel(**TINY_VACE).eval()
     randomize(model, g)
@@ -196,8 +220,12 @@ def main():
     scale = torch.tensor([0.7, 1.3])
     with torch.no_grad():
         out = model(x, (1000 * t).float(), text, control_hidden_states=control, control_hidden_states_scale=scale)
+    out64 = float64_outputs(model, lambda m, f: m(
+        f(x), 1000 * t, f(text), control_hidden_states=f(control), control_hidden_states_scale=f(scale)
+    ).sample)  # fmt: skip
     save_fixture("vace", model, {"input.x": x, "input.t": t, "input.text": text, "input.control": control,
-                                 "input.control_scale": scale, "output.flow": out.sample})  # fmt: skip
+                                 "input.control_scale": scale, "output.flow": out.sample,
+                                 "output.flow.f64": out64})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,7 +20,12 @@ Outputs (committed; the tests need only torch and safetensors):
                                        4) and a one-frame image; diffusers' posterior mean and log-variance of both, a
                                        posterior sample drawn with a seeded generator, the decoded posterior mean as
                                        diffusers' decode returns it (clamped) and unclamped (its own frame-by-frame loop
-                                       without the final clamp); the metadata holds the model's config.json
+                                       without the final clamp); the metadata holds the model's config.json. Each
+                                       output `output.X` is there twice: diffusers in float32, and as `output.X.f64`
+                                       diffusers in float64 on the same weights and inputs (cast exactly; decoding
+                                       the float32 `output.mean` / `output.image_mean`; no `output.decoded.f64`,
+                                       which is `output.decoded_raw.f64` clamped), float32 meaning float64
+                                       throughout (reference_float64.py)
 """
 
 import json
@@ -29,6 +34,7 @@ import os
 import sys
 
 import torch
+from reference_float64 import float32_is_float64, keep_committed, print_float32_error
 from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -102,6 +108,30 @@ def decode_unclamped(vae, z):
     return torch.cat(frames, dim=2)
 
 
+def float64_outputs(AutoencoderKLWan, vae, tensors):
+    """The outputs of the same VAE built in float64 with the same weights, on the fixture's inputs cast to float64;
+    decoding starts from the fixture's float32 posterior means (cast), as the tests do; the posterior sample draws its
+    noise in float64 (so it differs from the float32 sample by the draw, not by rounding)."""
+    with torch.no_grad(), float32_is_float64():
+        vae64 = AutoencoderKLWan.from_config(vae.config).eval()
+        vae64.load_state_dict(vae.state_dict())
+        assert all(v.dtype == torch.float64 for v in vae64.state_dict().values())
+        video, image = tensors["input.video"].double(), tensors["input.image"].double()
+        mean, image_mean = tensors["output.mean"].double(), tensors["output.image_mean"].double()
+        posterior = vae64.encode(video).latent_dist
+        out = {
+            "output.mean": posterior.mean,
+            "output.logvar": posterior.logvar,
+            "output.sample": posterior.sample(generator=torch.Generator().manual_seed(7)),  # float64 draws
+            "output.decoded_raw": decode_unclamped(vae64, mean),
+            "output.image_mean": vae64.encode(image).latent_dist.mean,
+            "output.image_decoded_raw": decode_unclamped(vae64, image_mean),
+        }
+        # output.decoded is output.decoded_raw clamped (checked for float32 below): its float64 twin is not stored
+        assert torch.equal(out["output.decoded_raw"].clamp(-1, 1), vae64.decode(mean).sample)
+    return {f"{k}.f64": v for k, v in out.items()}
+
+
 def original_manifest(source_path, diffusers_keys):
     """Keys and shapes of the original WanVAE_ with the released config, built from its source on the meta device."""
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
@@ -157,8 +187,11 @@ def main():
         tensors["output.image_mean"] = vae.encode(image).latent_dist.mean
         tensors["output.image_decoded_raw"] = decode_unclamped(vae, tensors["output.image_mean"])
     path = os.path.join(TESTS, "fixtures", "wan_vae_tiny.safetensors")
+    tensors = keep_committed(path, {k: v.contiguous() for k, v in tensors.items()})
+    tensors.update(float64_outputs(AutoencoderKLWan, vae, tensors))
     metadata = {"generator": "tests/generate/make_wan_vae_fixtures.py", "config": vae.to_json_string()}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    save_file(keep_committed(path, {k: v.contiguous() for k, v in tensors.items()}), path, metadata=metadata)
+    print_float32_error("wan_vae_tiny", tensors)
     raw = tensors["output.decoded_raw"]
     print(
         f"{path}: {os.path.getsize(path) / 1e3:.0f} KB, latents {tuple(posterior.mean.shape)}, video {tuple(raw.shape)}"
