@@ -747,10 +747,15 @@ def _hub_folder(repo, subfolder):
         ) from e
     except RepositoryNotFoundError as e:
         raise RuntimeError(f"{repo} is not a known model name ({', '.join(CONFIGS)}), local path or Hub repo") from e
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError as e:  # not cached, and no download: say why, as it is
+        from huggingface_hub import constants, get_token
+
+        off = [name for name, on in (("HF_HUB_OFFLINE=1", constants.HF_HUB_OFFLINE), ("LOCAL_FILES_ONLY=true", local_only)) if on]  # fmt: skip
+        why = f"downloads are off ({' and '.join(off)})" if off else "the Hugging Face Hub could not be reached (no network?)"  # fmt: skip
+        token = "" if get_token() else " (a gated repo also needs HF_TOKEN)"
         raise FileNotFoundError(
-            f"{repo} is not in the Hugging Face cache (HF_HOME) and downloads are off (HF_HUB_OFFLINE=1 or "
-            f"LOCAL_FILES_ONLY=true); fetch it once with `hf download {repo} --include '{prefix}*'`"
+            f"{repo} is not in the Hugging Face cache (HF_HOME) and {why}: fetch it once with network access, "
+            f"`hf download {repo} --include '{prefix}*'`{token}"
         ) from e
     return os.path.join(folder, subfolder)
 
