@@ -336,12 +336,14 @@ def test_unrelated_state_dict_under_an_edm_name(server, tmp_path, capsys, tiny_e
 
 
 def test_changed_remote_file_restarts(server, tmp_path, monkeypatch):  # noqa: F811
-    """A partial download of one version of a file is not continued with bytes of another: a different size, or
-    (same size) a different ETag, starts the download over."""
+    """A partial download of one version of a file is not continued with bytes of another: a different size (also
+    one smaller than the partial file, which the server answers with 416), or the same size with another ETag, starts
+    the download over."""
     monkeypatch.setattr(download, "RETRIES", 0)
     old, new = EDM_PKL, EDM_PKL[::-1] + b"more"
     part = tmp_path / "edm.pkl.part"
-    for changed, (body, etag) in {"size": (new, None), "etag": (old[::-1], '"v2"')}.items():
+    cases = {"size": (new, None), "shrunk": (old[:5000], None), "etag": (old[::-1], '"v2"')}  # shrunk: HTTP 416
+    for changed, (body, etag) in cases.items():
         server.files["/edm.pkl"], server.etags["/edm.pkl"] = old, '"v1"'
         server.cut_after, server.ranges = 10_000, []
         with pytest.raises(download.DownloadError, match="partial download .* is kept"):
