@@ -22,9 +22,12 @@ state dict with exactly the keys `state_dict()` of the real network would give (
     python download.py video-latents videos/ --model wan --out latents/   # latent shards for train_video.py --data
     HF_TOKEN=hf_... python download.py flux-dev                 # gated: accept the licence on the model page first
 
-Downloads resume (HTTP Range) into `<source file name>.part` next to the destination, are checked against
-the sha256 in the table below when one is known (otherwise the digest is printed and recorded in
-`<destination>.sha256`, and used to check later downloads), and every output is written atomically.
+Downloads resume (HTTP Range) into `<source file name>.part` next to the destination (`.part.json` records the size
+and ETag it started from: a file changed on the server starts over), are checked against the sha256 in the table below
+when one is known (otherwise the digest is printed and recorded in `<destination>.sha256`, and used to check later
+downloads), EDM/EDM2 networks also against the keys and shapes of their name's architecture before anything is written
+or recorded, and every output is written atomically. Pickles are read without running their code and may not declare
+more tensor bytes than they hold. Bad input ends with one line, `error: ...`, and exit code 2.
 `fid-ref` runs the FID Inception network (models/inception.py) over every image of a dataset and writes the mean and
 covariance of its features as an .npz with `mu` and `sigma`, the format of EDM's fid-refs.
 `video-latents` encodes a folder of videos (GIFs, MP4s through imageio, sub-folders of frame images; captions in
@@ -45,6 +48,8 @@ import io
 import json
 import os
 import pickle
+import re
+import socket
 import struct
 import sys
 import tarfile
@@ -63,7 +68,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from models import cogvideox_vae, cosmos_predict2, dit, inception, wan, wan_vae
+from models import cogvideox_vae, cosmos_predict2, dit, edm, edm2, inception, wan, wan_vae
 
 # -----------------------------------------------------------------------------
 # What can be fetched. Sizes are approximate: the pickles' from parameter counts (EDM fp32, EDM2 fp16).
@@ -171,6 +176,8 @@ HUB = {
 
 TIMEOUT_S = 60  # per socket operation, not per download
 RETRIES = 5  # reconnections (each resuming where the last one stopped) before giving up
+RETRY_WAIT_S = 2  # seconds before the first reconnection, one more for each later one
+MAX_MODULE_DEPTH = 64  # nesting of pickled modules; EDM/EDM2 networks go 4 deep, a self-referencing pickle forever
 
 
 class DownloadError(Exception):
@@ -183,6 +190,10 @@ class ChecksumError(DownloadError):
 
 class UnsafePickleError(DownloadError, pickle.UnpicklingError):
     pass
+
+
+class WrongContentError(DownloadError):
+    """A complete download that is not what its name says (other keys or shapes); `fetch` deletes it."""
 
 
 class HubError(DownloadError):
@@ -218,7 +229,17 @@ class EasyDict(dict):
 
 
 def rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """torch._utils._rebuild_tensor_v2 without the autograd extras: a strided view of the flat storage."""
+    """torch._utils._rebuild_tensor_v2 without the autograd extras: a strided view of the flat storage, which must lie
+    inside it (what the view declares is checked against what the file holds by `pickle_to_state_dict`)."""
+    numbers = (storage_offset, *size, *stride)
+    if not (isinstance(storage, torch.Tensor) and all(isinstance(n, int) and n >= 0 for n in numbers)):
+        raise UnsafePickleError("a tensor with a malformed storage, size or stride; not an EDM/EDM2 checkpoint")
+    if all(size):  # a non-empty view: its last element must be inside the storage
+        if storage_offset + sum((n - 1) * st for n, st in zip(size, stride)) >= storage.numel():
+            raise UnsafePickleError(
+                f"a tensor of size {tuple(size)} reaches past its storage of {storage.numel()} elements; "
+                "the file is damaged or crafted"
+            )
     return storage.as_strided(size, stride, storage_offset)
 
 
@@ -313,33 +334,51 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def load_checkpoint_pickle(path):
-    """Unpickle an EDM/EDM2 network pickle into plain data: dicts, tensors and `PickledModule` records."""
+    """Unpickle an EDM/EDM2 network pickle into plain data: dicts, tensors and `PickledModule` records. Returns the
+    object and the bytes of tensor storage the file holds."""
     source = Path(path).name
+    storage_bytes = 0
+
+    def load_blob(blob):
+        nonlocal storage_bytes
+        storage = load_storage_blob(blob, source)
+        storage_bytes += storage.numel() * storage.element_size()
+        return storage
+
     allowed = {
         ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
         ("torch._utils", "_rebuild_parameter_with_state"): rebuild_parameter,
-        ("torch.storage", "_load_from_bytes"): lambda blob: load_storage_blob(blob, source),
+        ("torch.storage", "_load_from_bytes"): load_blob,
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): reconstruct_persistent_obj,
         ("dnnlib.util", "EasyDict"): EasyDict,
         ("torch.nn.modules.container", "ModuleDict"): PickledModule,
         **NUMPY_SCALAR_GLOBALS,
     }
+    if os.path.isdir(path):
+        raise DownloadError(f"{path} is a folder, not a pickle: give the .pkl file")
     with open(path, "rb") as f:
         try:
-            return RestrictedUnpickler(f, allowed, source).load()
+            return RestrictedUnpickler(f, allowed, source).load(), storage_bytes
         except UnsafePickleError:
             raise
+        except RecursionError:
+            raise UnsafePickleError(f"{path} nests objects too deeply to read; not an EDM/EDM2 checkpoint") from None
         except Exception as e:  # truncated file, wrong format, a call with the wrong arguments, ...
             raise DownloadError(f"could not read {path} as an EDM/EDM2 pickle: {type(e).__name__}: {e}") from e
 
 
-def module_state_dict(module, prefix=""):
+def module_state_dict(module, prefix="", depth=0):
     """What `module.state_dict()` returns, from the pickled `__dict__`s: own parameters, then persistent
     buffers, then each child in insertion order; None entries are skipped, as torch does."""
     if not (isinstance(module, PickledModule) and isinstance(getattr(module, "state", None), dict)):
         raise DownloadError(f"'{prefix.rstrip('.')}' is a {type(module).__name__}, not a pickled torch module")
+    if depth > MAX_MODULE_DEPTH:  # a module that contains itself would recurse forever
+        raise UnsafePickleError(
+            f"modules nested more than {MAX_MODULE_DEPTH} deep (at '{prefix[:80]}...'): a self-referencing or "
+            "crafted pickle, not an EDM/EDM2 network"
+        )
     state, out = module.state, {}
     for name, t in state.get("_parameters", {}).items():
         if t is not None:
@@ -350,18 +389,23 @@ def module_state_dict(module, prefix=""):
             out[prefix + name] = t
     for name, child in state.get("_modules", {}).items():
         if child is not None:
-            out.update(module_state_dict(child, prefix + name + "."))
+            out.update(module_state_dict(child, prefix + name + ".", depth + 1))
     return out
 
 
 def pickle_to_state_dict(path):
     """Flat {name: tensor} of the network in an EDM/EDM2 pickle: its `ema` entry, else `model`
-    (a dict of tensors is taken as a state dict as it is). 0-dim tensors become shape [1] (FastGen's layout)."""
-    net = load_checkpoint_pickle(path)
+    (a dict of tensors is taken as a state dict as it is). 0-dim tensors become shape [1] (FastGen's layout).
+    The tensors may not declare more bytes than the file's storages hold: a view with stride 0, or many views of one
+    storage, would expand a small file into gigabytes when written out."""
+    net, storage_bytes = load_checkpoint_pickle(path)
     if isinstance(net, dict) and ("ema" in net or "model" in net):
         net = net["ema"] if "ema" in net else net["model"]
     if isinstance(net, PickledModule):
-        state = module_state_dict(net)
+        try:
+            state = module_state_dict(net)
+        except DownloadError as e:  # name the file
+            raise type(e)(f"{path}: {e}") from None
     elif isinstance(net, dict) and net and all(isinstance(t, torch.Tensor) for t in net.values()):
         state = net
     else:
@@ -369,6 +413,12 @@ def pickle_to_state_dict(path):
         raise DownloadError(f"{path} holds no 'ema' or 'model' network and is not a state dict{keys}")
     if not state or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise DownloadError(f"{path}: the network's parameters and buffers are missing or are not tensors")
+    declared = sum(t.numel() * t.element_size() for t in state.values())
+    if declared > storage_bytes:
+        raise UnsafePickleError(
+            f"{path} declares {declared:,} bytes of tensors but holds only {storage_bytes:,} bytes of storage "
+            "(views that repeat their data, e.g. stride 0): not an EDM/EDM2 checkpoint; refusing to expand it"
+        )
     return {k: t.reshape(1) if t.ndim == 0 else t for k, t in state.items()}
 
 
@@ -390,12 +440,29 @@ def atomic_output(dest):
         raise
 
 
+def check_edm_keys(state, name, path):
+    """`state` has exactly the keys and shapes of `name`'s network (models/edm.py or edm2.py CONFIGS, built on the
+    meta device), else a WrongContentError; names of neither file are not checked."""
+    module = edm if name in edm.CONFIGS else edm2 if name in edm2.CONFIGS else None
+    if module is None:
+        return
+    with torch.device("meta"):
+        model = (edm.EDMPrecond if module is edm else edm2.EDM2Precond)(module.CONFIGS[name])
+    try:
+        module.check_keys(model, state, str(path))
+    except ValueError as e:
+        raise WrongContentError(f"{path} is not the {name} network: {e}") from None
+
+
 def convert_pickle(path, dest, source=None, name=None):
     """EDM/EDM2 pickle -> safetensors at `dest` (atomic). Returns the state dict that was written.
 
     `name` (a CONFIGS name of models/edm.py or models/edm2.py) goes into the metadata, so that the model file's
-    `from_pretrained(path)` knows the architecture without being told."""
+    `from_pretrained(path)` knows the architecture without being told; the keys and shapes are checked against that
+    architecture before anything is written."""
     state = pickle_to_state_dict(path)
+    if name:
+        check_edm_keys(state, name, path)
     # Own, contiguous memory per tensor: safetensors refuses views and shared storage.
     tensors = {k: t.contiguous().clone() for k, t in state.items()}
     with atomic_output(dest) as tmp:
@@ -418,7 +485,7 @@ def convert_inception(path, dest, source=None):
     try:
         inception.check_keys(model, state)
     except ValueError as e:
-        raise DownloadError(f"{path} is not the FID Inception network: {e}") from None
+        raise WrongContentError(f"{path} is not the FID Inception network: {e}") from None
     tensors = {k: t.contiguous().clone() for k, t in state.items()}
     with atomic_output(dest) as tmp:
         save_file(tensors, str(tmp), metadata={"source": source or Path(path).name, "format": "pt"})
@@ -429,40 +496,109 @@ def convert_inception(path, dest, source=None):
 # HTTP download with resume, and checksums.
 
 
+def part_record(part):
+    """Where a partial download keeps the URL, size and ETag it was started from: `<name>.part.json` beside it."""
+    return Path(f"{part}.json")
+
+
+def discard_part(part):
+    """Delete a partial download and its record."""
+    Path(part).unlink(missing_ok=True)
+    part_record(part).unlink(missing_ok=True)
+
+
+def _total_size(content_range):
+    """N of a Content-Range header `bytes A-B/N` or `bytes */N`; None when absent or unknown."""
+    total = (content_range or "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
+
+
+def network_reason(e, url):
+    """What went wrong with a connection, in a few words that name the host."""
+    host = urlparse(url).hostname or url
+    reason = getattr(e, "reason", e)  # URLError wraps the socket error
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve {host} (no network, or no DNS)"
+    if isinstance(reason, ConnectionRefusedError):
+        return f"{host} refused the connection"
+    if isinstance(reason, TimeoutError):
+        return f"no answer from {host} within {TIMEOUT_S} s"
+    return f"{type(reason).__name__}: {reason}"
+
+
 def http_download(url, part):
-    """Download `url` into `part`, continuing a partial file; reconnects (resuming) up to RETRIES times."""
+    """Download `url` into `part`, continuing a partial file; reconnects (resuming) up to RETRIES times, saying so
+    once. A partial file that its record shows was started from another version of the remote file (its size or
+    ETag changed) is started over rather than continued."""
     part = Path(part)
     part.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(RETRIES + 1):
         try:
             return _http_download_once(url, part)
         except urllib.error.HTTPError as e:
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+            raise DownloadError(f"HTTP {e.code} {e.reason} ({url}): check the URL, or download from a mirror with --url URL") from e  # fmt: skip
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
             if attempt == RETRIES:
-                raise DownloadError(f"{url}: {e}; the partial download {part} is kept, run again to resume") from e
-            print(f"connection lost ({type(e).__name__}: {e}); resuming", file=sys.stderr)
-            time.sleep(2 * attempt)
+                kept = part.stat().st_size if part.exists() else 0
+                if not kept:
+                    discard_part(part)  # an empty file resumes nothing
+                note = f"; the partial download {part} ({kept:,} bytes) is kept and a rerun resumes it" if kept else ""
+                raise DownloadError(
+                    f"network failure, {network_reason(e, url)}, after {RETRIES + 1} attempts ({url}): check the "
+                    f"network and run again, or download from a mirror with --url URL{note}"
+                ) from e
+            if attempt == 0:
+                print(f"connection failed ({network_reason(e, url)}); retrying up to {RETRIES} times", file=sys.stderr)
+            time.sleep(RETRY_WAIT_S * attempt)
 
 
 def _http_download_once(url, part):
     have = part.stat().st_size if part.exists() else 0
+    started = None  # the record of what `part` was started from; None for a part without one (then trusted)
+    if have and part_record(part).exists():
+        try:
+            started = json.loads(part_record(part).read_text())
+        except ValueError:
+            started = None
+        if not (isinstance(started, dict) and started.get("url") == url):  # a damaged record, or another URL's
+            discard_part(part)
+            have, started = 0, None
     headers = {"User-Agent": "nanofastgen-download"}
     if have:
         headers["Range"] = f"bytes={have}-"
+        if started and started.get("etag"):
+            headers["If-Range"] = started["etag"]  # a server that knows the file changed sends all of it (200)
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left to send: the partial file is already complete
-            return
+        if e.code == 416 and have:  # nothing left to send: the partial file is complete, unless the file changed
+            total = _total_size(e.headers.get("Content-Range"))
+            if total is None or (total == have and (started or {}).get("size") in (None, have)):
+                return
+            print(f"{url} changed on the server since {part.name} was started; downloading it afresh", file=sys.stderr)
+            discard_part(part)
+            return _http_download_once(url, part)
         raise
     with response:
-        if have and response.status != 206:  # the server ignored Range and sends the whole file: start over
-            have = 0
-        elif have and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-            raise DownloadError(f"{url}: asked for bytes {have}- but got {response.headers.get('Content-Range')}")
-        length = response.headers.get("Content-Length")
+        etag, length = response.headers.get("ETag"), response.headers.get("Content-Length")
         length = int(length) if length else None
+        if have and response.status != 206:  # the server ignored Range (or If-Range: the file changed): start over
+            have = 0
+        elif have:
+            content_range = response.headers.get("Content-Range", "")
+            if not content_range.startswith(f"bytes {have}-"):
+                raise DownloadError(f"{url}: asked for bytes {have}- but got {content_range or 'no Content-Range'}")
+            total, size = _total_size(content_range), (started or {}).get("size")
+            changed = (size is not None and total is not None and total != size) or (
+                bool(started and started.get("etag")) and etag is not None and etag != started["etag"]
+            )
+            if changed:
+                print(f"{url} changed on the server since {part.name} was started (size or ETag); downloading it afresh", file=sys.stderr)  # fmt: skip
+                response.close()
+                discard_part(part)
+                return _http_download_once(url, part)
+        if not have:  # a fresh start: record what it starts from, so that a later resume can tell a changed file
+            part_record(part).write_text(json.dumps({"url": url, "size": length, "etag": etag}))
         got = 0
         with open(part, "ab" if have else "wb") as f, tqdm(total=length and have + length, initial=have, unit="B", unit_scale=True, desc=part.name) as bar:  # fmt: skip
             while chunk := response.read(1 << 20):
@@ -487,7 +623,7 @@ def verify_download(part, expected, url, prefix=""):
     digits) the file is deleted and a ChecksumError raised."""
     actual = file_sha256(part)
     if (expected and actual != expected.lower()) or not actual.startswith(prefix.lower()):
-        Path(part).unlink()
+        discard_part(part)
         raise ChecksumError(
             f"sha256 mismatch for {url}\n  expected {expected or prefix + '...'}\n  actual   {actual}\n"
             f"The damaged download {part} was deleted; run the command again to fetch it afresh "
@@ -756,11 +892,12 @@ def video_latents(folder, out_dir, model, vae_name=None, frames=None, height=Non
 # Hugging Face Hub.
 
 
-def hub_download(repo_id, allow_patterns, local_dir=None, revision=None):
+def hub_download(repo_id, allow_patterns, local_dir=None, revision=None, command=None, gated=False):
     """snapshot_download with readable errors; returns the local folder.
 
     huggingface_hub itself honours HF_HOME (cache location), HF_HUB_OFFLINE=1 and HF_TOKEN; FastGen's
-    LOCAL_FILES_ONLY=true is honoured here by passing local_files_only.
+    LOCAL_FILES_ONLY=true is honoured here by passing local_files_only. `command` is what fetches the files when they
+    cannot be fetched now (default: the `hf download` command line); `gated` says the repo needs HF_TOKEN.
     """
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -777,30 +914,78 @@ def hub_download(repo_id, allow_patterns, local_dir=None, revision=None):
         raise HubError(
             f"{repo_id} was not found or is not accessible: check the name; if it is private or gated, {licence}"
         ) from e
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError as e:  # not cached, and not downloaded: say why, as it is
+        from huggingface_hub import get_token
+
         patterns = [allow_patterns] if isinstance(allow_patterns, str) else list(allow_patterns or [])
-        command = " ".join(
+        command = command or " ".join(
             ["hf download", repo_id, *(f"--include '{p}'" for p in patterns)]
             + ([f"--revision {revision}"] if revision else [])
             + ([f"--local-dir {local_dir}"] if local_dir else [])
         )
-        raise HubError(
-            f"{repo_id} ({', '.join(patterns) or 'all files'}) is not in {local_dir or constants.HF_HUB_CACHE} and could not be "
-            f"downloaded (HF_HUB_OFFLINE=1 or LOCAL_FILES_ONLY=true turn downloads off). Run once with network access "
-            f"and without those variables: {command}"
-        ) from e
+        off = [name for name, on in (("HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE), ("LOCAL_FILES_ONLY", local_only)) if on]  # fmt: skip
+        if off:
+            why = f"downloads are off ({' and '.join(off)} set)"
+            fix = f"run once with network access and without {' and '.join(off)}: {command}"
+        else:
+            cause = f"{type(e.__cause__).__name__}: " if e.__cause__ else ""
+            why = f"the Hugging Face Hub could not be reached ({cause}no network?)"
+            fix = f"check the network and run again: {command}"
+        if gated and not get_token():
+            fix += f"; it is gated: {licence}"
+        raise HubError(f"{repo_id} is not downloaded and {why} ({local_dir or constants.HF_HUB_CACHE}): {fix}") from e
     except HfHubHTTPError as e:
-        if e.response is not None and e.response.status_code in (401, 403):
-            raise HubError(f"{repo_id}: access denied (HTTP {e.response.status_code}); {licence}") from e
-        raise
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise HubError(f"{repo_id}: access denied (HTTP {status}); {licence}") from e
+        raise HubError(f"the Hugging Face Hub answered HTTP {status} ({repo_id}): try again later") from e
 
 
 # -----------------------------------------------------------------------------
 # Orchestration and CLI.
 
 
+def recorded_digest(recorded):
+    """The sha256 an earlier download recorded in `recorded` (`<destination>.sha256`), or None without that file."""
+    if not recorded.exists():
+        return None
+    try:
+        words = recorded.read_text().split()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DownloadError(f"cannot read the recorded digest {recorded} ({e}): delete it, or pass --sha256 HEX") from e
+    if not words or not re.fullmatch(r"[0-9a-fA-F]{64}", words[0]):
+        what = "is empty" if not words else f"starts with {words[0][:20]!r}, not a sha256 digest"
+        raise DownloadError(
+            f"the recorded digest {what} ({recorded}): delete the file (the next download records a new one), "
+            "or pass --sha256 HEX"
+        )
+    return words[0]
+
+
+def missing_folders(folder):
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    folder, missing = Path(folder).absolute(), []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def check_root(root):
+    """--root: a folder that exists or can be created, and can be written to."""
+    existing = Path(root).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DownloadError(f"{existing} is a file, not a folder (--root {root}): give a folder (it is created if missing)")  # fmt: skip
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DownloadError(f"{existing} is not writable (--root {root}): give a folder you can write to")
+
+
 def fetch(name, root, url=None, sha256=None, force=False):
-    """Download, verify and convert one CHECKPOINTS entry; returns the destination path."""
+    """Download, verify and convert one CHECKPOINTS entry; returns the destination path. A failure leaves no folder
+    it created empty; refused content (code in a pickle, the wrong network) is deleted; a connection that fails
+    keeps a partial download to resume."""
     entry = CHECKPOINTS[name]
     dest = Path(root) / entry.dest
     if dest.exists() and not force:
@@ -809,40 +994,51 @@ def fetch(name, root, url=None, sha256=None, force=False):
     url = url or entry.url
     part = dest.parent / ((PurePosixPath(urlparse(url).path).name or dest.name) + ".part")
     recorded = Path(f"{dest}.sha256")
-    expected = sha256 or entry.sha256 or (recorded.read_text().split()[0] if recorded.exists() else None)
-    if force:
-        part.unlink(missing_ok=True)
-    print(f"downloading {url}")
-    http_download(url, part)
-    prefix = "" if sha256 else entry.sha256_prefix  # a digest given on the command line replaces the table's
-    actual = verify_download(part, expected, url, prefix=prefix)
-    checked = "matches" if expected else f"starts with {prefix} as published" if prefix else ""
-    print(f"sha256 {actual} " + (checked or "(no published digest to compare with)"))
+    expected = sha256 or entry.sha256 or recorded_digest(recorded)
+    created = missing_folders(dest.parent)
     try:
-        if entry.kind == "dataset":
-            print(f"wrote {dest} ({cifar10_to_zip(part, dest)} images)")
-        elif entry.kind == "state-dict":
-            state = convert_inception(part, dest, source=url)
-            print(f"wrote {dest} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values)")
-        elif entry.kind == "dit":
-            state = check_dit(part, name)
-            os.replace(part, dest)
-            print(f"wrote {dest} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values)")
-        else:
-            state = convert_pickle(part, dest, source=url, name=name)
-            prefixes = ", ".join(sorted({k.split(".")[0] for k in state}))
-            print(
-                f"wrote {dest} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values; top level: {prefixes})"
-            )
-    except UnsafePickleError:
-        part.unlink()  # refused content will never be converted; do not keep it around
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DownloadError(f"cannot create {dest.parent} ({e.strerror}) (--root {root}): give a folder you can write to") from e  # fmt: skip
+        if force:
+            discard_part(part)
+        print(f"downloading {url}")
+        http_download(url, part)
+        prefix = "" if sha256 else entry.sha256_prefix  # a digest given on the command line replaces the table's
+        actual = verify_download(part, expected, url, prefix=prefix)
+        checked = "matches" if expected else f"starts with {prefix} as published" if prefix else ""
+        print(f"sha256 {actual} " + (checked or "(no published digest to compare with)"))
+        try:
+            if entry.kind == "dataset":
+                print(f"wrote {dest} ({cifar10_to_zip(part, dest)} images)")
+            elif entry.kind == "state-dict":
+                state = convert_inception(part, dest, source=url)
+                print(f"wrote {dest} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values)")
+            elif entry.kind == "dit":
+                state = check_dit(part, name)
+                os.replace(part, dest)
+                print(f"wrote {dest} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values)")
+            else:
+                state = convert_pickle(part, dest, source=url, name=name)  # checks the keys against `name` first
+                prefixes = ", ".join(sorted({k.split(".")[0] for k in state}))
+                print(
+                    f"wrote {dest} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} values; top level: {prefixes})"
+                )
+        except (UnsafePickleError, WrongContentError) as e:
+            discard_part(part)  # refused content will never be converted; do not keep it around
+            raise type(e)(f"{e}\nThe download was deleted; check --url, or report the file if it is the official one") from None  # fmt: skip
+        if not expected:  # only for a file that was checked and written: the digest belongs to the file at `dest`
+            # Record the digest so that later downloads (and other users) can be checked against it.
+            recorded.write_text(f"{actual}  {PurePosixPath(urlparse(url).path).name}\n")
+            print(f"recorded the sha256 in {recorded}")
+        discard_part(part)  # a kept-as-is download was moved onto `dest`
+        return dest
+    except BaseException:
+        for folder in created:  # deepest first; a folder that holds a partial download stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
-    if not expected:  # before the move below: a recorded digest always belongs to the file at `dest`
-        # Record the digest so that later downloads (and other users) can be checked against it.
-        recorded.write_text(f"{actual}  {PurePosixPath(urlparse(url).path).name}\n")
-        print(f"recorded the sha256 in {recorded}")
-    part.unlink(missing_ok=True)  # a kept-as-is download was moved onto `dest`
-    return dest
 
 
 def check_dit(path, name):
@@ -857,7 +1053,7 @@ def check_dit(path, name):
     try:
         dit.check_keys(model, state)
     except ValueError as e:
-        raise DownloadError(f"{path} is not {name}: {e}") from None
+        raise WrongContentError(f"{path} is not {name}: {e}") from None
     return state
 
 
@@ -867,8 +1063,11 @@ def fetch_hub(name, root):
     local_dir = os.path.join(root, entry.local_dir) if entry.local_dir else None
     if entry.gated and not (os.environ.get("HF_TOKEN") or _hub_token()):
         print(f"note: {entry.repo} is gated; without HF_TOKEN (or `hf auth login`) the download will be refused")
-    print(f"downloading {entry.repo} ({', '.join(entry.patterns)})")
-    folder = hub_download(entry.repo, list(entry.patterns), local_dir=local_dir)
+    folders = sorted({p.split("/")[0] for p in entry.patterns if "/" in p})
+    what = ", ".join(entry.patterns) if len(entry.patterns) <= 3 else f"configs and weights of {', '.join(folders)}"
+    print(f"downloading {entry.repo} ({what})")
+    command = f"python download.py {name}" + (f" --root {root}" if entry.local_dir else "")
+    folder = hub_download(entry.repo, list(entry.patterns), local_dir=local_dir, command=command, gated=entry.gated)
     print(f"{name}: {folder}" + ("" if local_dir else " (the Hugging Face cache; from_pretrained finds it there)"))
     return folder
 
@@ -987,8 +1186,20 @@ def main(argv=None):
         parser.error(f"unknown name {args.name!r}; see --list")
     if args.name not in ("convert", "fid-ref", "imagenet-latents", "video-latents") and args.paths:
         parser.error(f"unexpected arguments after {args.name}: {' '.join(args.paths)}")
+    if args.sha256 and args.name not in HUB and not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
+        parser.error(f"--sha256 {args.sha256!r}: a sha256 digest is 64 hex digits")
+    if args.as_name and args.as_name not in edm.CONFIGS and args.as_name not in edm2.CONFIGS:
+        parser.error(f"--as {args.as_name!r}: not an EDM/EDM2 name; one of {', '.join([*edm.CONFIGS, *edm2.CONFIGS])}")
     try:
+        if args.name in CHECKPOINTS or (args.name in HUB and HUB[args.name].local_dir):
+            check_root(args.root)
         if args.name == "convert":
+            pickle_path, out = args.paths
+            if not os.path.isfile(pickle_path):
+                what = "is a folder" if os.path.isdir(pickle_path) else "not found"
+                raise DownloadError(f"{pickle_path} {what} (convert PICKLE): give the EDM/EDM2 network pickle file")
+            if os.path.isdir(out):
+                raise DownloadError(f"{out} is a folder (convert PICKLE OUT.safetensors): give the file to write")
             state = convert_pickle(args.paths[0], args.paths[1], name=args.as_name)
             print(f"wrote {args.paths[1]} ({len(state)} tensors)")
         elif args.name == "fid-ref":
@@ -1024,7 +1235,14 @@ def main(argv=None):
         else:
             fetch(args.name, args.root, url=args.url, sha256=args.sha256, force=args.force)
     except (DownloadError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:  # a folder that cannot be written, a full disk: the system's words, and the file
+        where = f" ({e.filename})" if e.filename else ""
+        print(
+            f"error: {e.strerror or e}{where}: check the path and its permissions, and the free space", file=sys.stderr
+        )
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

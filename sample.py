@@ -12,7 +12,9 @@
     torchrun --nproc_per_node=8 sample.py --model edm --ckpt edm-cifar10-32x32-cond-vp --fid 50000 --fid_ref cifar10
 
 `--ckpt` is a name from the model file's CONFIGS (looked up under --root, where download.py writes it) or a
-.safetensors file that carries its config in the metadata (what train_edm.py writes).
+.safetensors file that carries its config in the metadata (what train_edm.py writes). A checkpoint that cannot be used
+(damaged, of another family, weights with NaN or Inf) and any other bad input end with one line on stderr,
+`error: <what> (<file or flag>): <fix>`, and exit code 2, before anything is written.
 
 FID (`--fid N`): the N images are judged as they would be saved (uint8), by the FID Inception network
 (models/inception.py), against reference statistics from `download.py fid-ref` (--fid_ref: a dataset name or an .npz with
@@ -27,6 +29,7 @@ deterministic given the noise.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -99,6 +102,14 @@ TINY_TEXT = {
     "cosmos_predict2": "tiny",
 }
 DEFAULT_STEPS = {"heun": 18, "euler": 18, "student": 1, "ddpm": 250, "ddim": 50}  # EDM's 18, DiT's 250
+# What a checkpoint that cannot be used raises from the model files: a missing or unreadable file, keys, shapes or
+# values that do not fit, a Hub repo that cannot be fetched. `main` prints it as one line, without a traceback.
+LOAD_ERRORS = (FileNotFoundError, ValueError, RuntimeError, OSError)
+
+
+class InputError(Exception):
+    """Bad input (a flag, a file): `main` prints `error: <message>` on stderr and exits with code 2."""
+
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", choices=sorted(MODELS) + sorted(TEXT_MODELS), default="edm", help="model family")
@@ -223,7 +234,7 @@ def save_pairs(args, module, model, steps, device, rank, world):
         with open(index_file) as f:
             old = {k: v for k, v in json.load(f).items() if k != "shards"}
         if old != settings:
-            sys.exit(f"error: {out} holds pairs made with other settings ({old}); choose another --save_pairs DIR")
+            raise InputError(f"{out} holds pairs made with other settings ({old}); choose another --save_pairs DIR")
     os.makedirs(out, exist_ok=True)
     if rank == 0 and not os.path.exists(index_file):  # the settings first, so that a resumed run can be checked
         with open(index_file + ".tmp", "w") as f:
@@ -270,9 +281,70 @@ def generate(args, module, model, noise, y, steps, device, seed):
     return module.sample_student(model, noise, y, steps=steps, **guide)
 
 
-def main(args):
-    if args.model in TEXT_MODELS:
-        return main_text(args)
+def main(argv=None):
+    """Parse `argv` (a list, or an already parsed Namespace) and sample; bad input ends with one line on stderr,
+    `error: <what>`, and exit code 2, before anything is written."""
+    args = argv if isinstance(argv, argparse.Namespace) else parser.parse_args(argv)
+    try:
+        if args.model in TEXT_MODELS:
+            return main_text(args)
+        return main_image(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def safetensors_metadata(path):
+    """The metadata of a .safetensors file ({} without any); a file that is not readable safetensors is an InputError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path} is not a readable safetensors file ({e}) (--ckpt): it is truncated or damaged; write or download it again") from e  # fmt: skip
+
+
+def checkpoint_families(path):
+    """The --model names a .safetensors checkpoint belongs to, read from its metadata: the Config a training script
+    recorded (`config`), or the CONFIGS name download.py recorded (`name`). Empty when the metadata says neither."""
+    meta = safetensors_metadata(path)
+    modules = {m: spec[0] for m, spec in MODELS.items()} | {m: spec.module for m, spec in TEXT_MODELS.items()}
+    if "name" in meta:
+        found = [m for m, module in modules.items() if meta["name"] in module.CONFIGS]
+        schedule = getattr(dit.CONFIGS.get(meta["name"]), "schedule", None)
+    elif "config" in meta:
+        try:
+            fields = json.loads(meta["config"])
+        except ValueError as e:
+            raise InputError(f"{path} has a config in its metadata that is not JSON ({e}) (--ckpt): the file is damaged") from e  # fmt: skip
+        if not isinstance(fields, dict):
+            return []
+        names = {m: {f.name for f in dataclasses.fields(module.Config)} for m, module in modules.items()}
+        found = [m for m in modules if set(fields) == names[m]] or [m for m in modules if set(fields) <= names[m]]
+        schedule = fields.get("schedule")
+    else:
+        return []
+    if "dit" in found:  # DiT and SiT share a file: the schedule tells them apart
+        found = [m for m in found if m not in ("dit", "sit")] + ["sit" if schedule == "rf" else "dit"]
+    return found
+
+
+def check_family(args):
+    """A .safetensors --ckpt of another model family is an InputError that names the family and its --model."""
+    if not (args.ckpt and args.ckpt.endswith(".safetensors") and os.path.isfile(args.ckpt)):
+        return
+    found = checkpoint_families(args.ckpt)
+    if set(found) <= LATENT and args.model in LATENT:  # DiT for SiT or the reverse: told apart once it is built
+        return
+    if found and args.model not in found:
+        raise InputError(
+            f"{args.ckpt} holds a checkpoint of {' or '.join(found)}, not {args.model} (--model): "
+            f"sample it with --model {found[0]}"
+        )
+
+
+def main_image(args):
     args.guidance = 1.0 if args.guidance is None else args.guidance
     args.n = 64 if args.n is None else args.n
     # Distributed setup: torchrun sets these; a plain `python` run is one process.
@@ -289,14 +361,16 @@ def main(args):
     module, model_class, tiny, samplers = MODELS[args.model]
     args.sampler = args.sampler or samplers[0]
     if args.sampler not in samplers:
-        sys.exit(f"error: --model {args.model} samples with {', '.join(samplers)}, not {args.sampler}")
+        raise InputError(f"--model {args.model} samples with {', '.join(samplers)}, not {args.sampler}")
     if args.fid and args.fid_ref is None:
-        sys.exit(f"error: --fid needs --fid_ref: {', '.join(inception.REFS)} or an .npz with mu and sigma")
+        raise InputError(f"--fid needs --fid_ref: {', '.join(inception.REFS)} or an .npz with mu and sigma")
     if args.guided_channels is not None and args.sampler not in ("ddpm", "ddim"):
-        sys.exit("error: --guided_channels applies to DiT's ddpm and ddim samplers (the others guide every channel)")
+        raise InputError("--guided_channels applies to DiT's ddpm and ddim samplers (the others guide every channel)")
     if args.save_pairs and args.model in LATENT:
-        sys.exit("error: --save_pairs writes teacher pairs for train_edm.py's EDM models (edm, edm2)")
+        raise InputError("--save_pairs writes teacher pairs for train_edm.py's EDM models (edm, edm2)")
     vae = None
+    if not args.tiny:
+        check_family(args)
     try:
         if args.tiny:
             torch.manual_seed(args.seed)
@@ -304,12 +378,12 @@ def main(args):
             if args.model in LATENT:  # a random tiny autoencoder: checks the decode path
                 vae = autoencoder_kl.AutoencoderKL(autoencoder_kl.CONFIGS["tiny"]).eval().to(device)
         elif args.ckpt is None:
-            sys.exit("error: give --ckpt NAME_OR_PATH (a CONFIGS name or a checkpoint file), or --tiny")
+            raise InputError("give --ckpt NAME_OR_PATH (a CONFIGS name or a checkpoint file), or --tiny")
         elif args.model in LATENT:
             model = module.from_pretrained(args.ckpt, config=args.arch, root=args.root)
             want = "rf" if args.model == "sit" else "ddpm"
             if model.cfg.schedule != want:
-                sys.exit(f"error: {args.ckpt} is a {'SiT' if want == 'ddpm' else 'DiT'} checkpoint; use --model {'sit' if want == 'ddpm' else 'dit'}")  # fmt: skip
+                raise InputError(f"{args.ckpt} is a {'SiT' if want == 'ddpm' else 'DiT'} checkpoint; use --model {'sit' if want == 'ddpm' else 'dit'}")  # fmt: skip
             vae = autoencoder_kl.from_pretrained(args.vae, device=device)
         else:
             model = module.from_pretrained(args.ckpt, root=args.root)
@@ -317,8 +391,8 @@ def main(args):
             ref_mu, ref_sigma, ref_path = load_fid_ref(args.fid_ref, args.root)
             detector = inception.from_pretrained(args.inception, root=args.root, device=device)
             stats = inception.FeatureStats(device=device)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except LOAD_ERRORS as e:
+        raise InputError(str(e)) from e
     model = model.to(device)
     cfg = model.cfg
     steps = args.steps or DEFAULT_STEPS[args.sampler]
@@ -327,11 +401,11 @@ def main(args):
     else:
         shape, classes = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution), cfg.label_dim
     if args.class_label is not None and not 0 <= args.class_label < max(classes, 1):
-        sys.exit(f"error: --class {args.class_label} is out of range; this model has {classes} classes")
+        raise InputError(f"--class {args.class_label} is out of range; this model has {classes} classes")
 
     if args.save_pairs:
         if args.sampler != "heun" or args.fid:
-            sys.exit("error: --save_pairs solves the teacher's ODE with Heun; drop --sampler/--fid")
+            raise InputError("--save_pairs solves the teacher's ODE with Heun; drop --sampler/--fid")
         save_pairs(args, module, model, steps, device, rank, world)
         if distributed:
             dist.destroy_process_group()
@@ -429,7 +503,7 @@ def load_text_model(args, spec, device, dtype):
         encoder = TextEncoder(encoder_family(args.model), tiny=spec.tiny, device=device)
         return model.to(device, dtype), vae.to(device), encoder
     if args.ckpt is None:
-        sys.exit("error: give --ckpt (a CONFIGS name, Hub repo, folder or trained .safetensors), or --tiny")
+        raise InputError("give --ckpt (a CONFIGS name, Hub repo, folder or trained .safetensors), or --tiny")
     config = (
         trained_config(module, args.ckpt) if args.ckpt.endswith(".safetensors") and os.path.isfile(args.ckpt) else None
     )
@@ -450,14 +524,14 @@ def encoder_family(model):
 
 def trained_config(module, path):
     """The architecture a training script recorded in a checkpoint's metadata (its Config as JSON), or None."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        text = (f.metadata() or {}).get("config")
+    text = safetensors_metadata(path).get("config")
     if text is None:
         return None
-    fields = json.loads(text)
-    return module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    try:
+        fields = json.loads(text)
+        return module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except (ValueError, TypeError, AttributeError) as e:
+        raise InputError(f"{path} records a config this model file cannot build ({e}) (--ckpt): check --model") from e  # fmt: skip
 
 
 def vae_factors(vae):
@@ -474,7 +548,7 @@ def image_condition(args, model, vae, image, frames, device):
     if args.model == "cosmos_predict2":
         return {"cond_latents": vae.encode(image[:, :, None], sample=False)}
     if not model.cfg.image_dim:
-        sys.exit("error: --image needs a Wan I2V checkpoint (wan2.1-i2v-14b-480p or -720p)")
+        raise InputError("--image needs a Wan I2V checkpoint (wan2.1-i2v-14b-480p or -720p)")
     clip = torch.cat([image[:, :, None], torch.zeros_like(image)[:, :, None].expand(-1, -1, frames - 1, -1, -1)], 2)
     if args.tiny:
         encoder = ImageEncoder(tiny=model.cfg.image_dim, device=device)
@@ -500,12 +574,12 @@ def read_frames(path, count, height, width, grey=False):
         try:
             import imageio.v3 as iio  # MP4 and other containers
         except ImportError:
-            sys.exit(f"error: reading {path} needs imageio (pip install imageio imageio-ffmpeg); or pass a GIF or a folder of frames")  # fmt: skip
+            raise InputError(f"reading {path} needs imageio (pip install imageio imageio-ffmpeg); or pass a GIF or a folder of frames") from None  # fmt: skip
         frames = [Image.fromarray(f).convert(mode) for f in iio.imread(path)]
     if grey and len(frames) == 1:  # a still mask holds for every frame (GIF writers also merge identical frames)
         frames = frames * count
     if len(frames) < count:
-        sys.exit(f"error: {path} has {len(frames)} frames; the video needs {count} (set --frames)")
+        raise InputError(f"{path} has {len(frames)} frames; the video needs {count} (set --frames)")
     arrays = [np.asarray(f.resize((width, height), Image.BICUBIC)) for f in frames[:count]]
     x = torch.from_numpy(np.stack(arrays)).float()
     if grey:
@@ -567,30 +641,34 @@ def write_video(frames, path_stem, fps=16):
 def main_text(args):
     spec = TEXT_MODELS[args.model]
     if args.sampler not in (None, "teacher", "student"):
-        sys.exit(f"error: --model {args.model} samples with teacher (its {spec.teacher}) or student")
+        raise InputError(f"--model {args.model} samples with teacher (its {spec.teacher}) or student")
     if args.fid or args.save_pairs or args.npz:
-        sys.exit("error: --fid, --save_pairs and --npz are for the class-conditional models")
+        raise InputError("--fid, --save_pairs and --npz are for the class-conditional models")
     if args.mask and not args.video:
-        sys.exit("error: --mask marks the part of --video to regenerate; give --video too")
+        raise InputError("--mask marks the part of --video to regenerate; give --video too")
     if args.image and (args.model not in ("wan", "cosmos_predict2") or (args.model == "cosmos_predict2" and args.sampler == "student")):  # fmt: skip
-        sys.exit("error: --image conditions Wan I2V models and the Cosmos teacher (Video2World)")
+        raise InputError("--image conditions Wan I2V models and the Cosmos teacher (Video2World)")
     if args.causal and (args.model != "wan" or args.sampler == "teacher"):
-        sys.exit("error: --causal samples a causal Wan student: --model wan --sampler student")
+        raise InputError("--causal samples a causal Wan student: --model wan --sampler student")
     args.sampler = "student" if args.causal else args.sampler or "teacher"
     student = args.sampler == "student"
     args.guidance = (1.0 if student else spec.guidance) if args.guidance is None else args.guidance
     steps = args.steps or (4 if student else spec.steps)
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        with open(args.prompt_file) as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read {args.prompt_file} as text ({e}) (--prompt_file): give a UTF-8 file of prompts, one per line") from e  # fmt: skip
     if not prompts:
-        sys.exit("error: give --prompt TEXT (repeatable) or --prompt_file FILE")
+        raise InputError("give --prompt TEXT (repeatable) or --prompt_file FILE")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    check_family(args)
     try:
         model, vae, encoder = load_text_model(args, spec, device, dtype)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        sys.exit(f"error: {e}")
+    except LOAD_ERRORS as e:
+        raise InputError(str(e)) from e
 
     height, width, frames = spec.size
     if args.tiny:
@@ -600,9 +678,9 @@ def main_text(args):
     frames = args.frames or frames
     t_factor, s_factor = vae_factors(vae)
     if height % (2 * s_factor) or width % (2 * s_factor):
-        sys.exit(f"error: --height and --width must be multiples of {2 * s_factor} for this model")
+        raise InputError(f"--height and --width must be multiples of {2 * s_factor} for this model")
     if frames and (frames - 1) % 4:
-        sys.exit("error: --frames must be 1 + 4k (1, 5, 9, ..., 81)")
+        raise InputError("--frames must be 1 + 4k (1, 5, 9, ..., 81)")
     channels = flux.LATENT_CHANNELS if args.model == "flux" else model.cfg.out_channels  # I2V inputs carry more
     shape = (channels, height // s_factor, width // s_factor)
     if frames:
@@ -611,7 +689,7 @@ def main_text(args):
     extra = {}
     if args.video:
         if args.model != "wan" or not model.cfg.vace_layers:
-            sys.exit("error: --video needs a Wan VACE checkpoint (wan2.1-vace-1.3b or -14b)")
+            raise InputError("--video needs a Wan VACE checkpoint (wan2.1-vace-1.3b or -14b)")
         video = read_frames(args.video, frames, height, width)
         mask = read_frames(args.mask, frames, height, width, grey=True) if args.mask else torch.ones_like(video[:, :1])
         vae_dtype = next(vae.parameters()).dtype
@@ -620,7 +698,7 @@ def main_text(args):
         extra = {"control": wan.vace_control(kept, redo, mask.to(device, kept.dtype))}
     if args.image:
         if not frames:
-            sys.exit("error: --image needs a video model")
+            raise InputError("--image needs a video model")
         picture = Image.open(args.image).convert("RGB").resize((width, height), Image.BICUBIC)
         image = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1)
         with torch.no_grad():
@@ -660,4 +738,4 @@ def main_text(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    main()

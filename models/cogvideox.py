@@ -564,21 +564,32 @@ def _progress(iterable, enabled):
 
 
 def _read_safetensors(path):
-    """State dict from one safetensors file, or from a sharded `*.safetensors.index.json`."""
+    """State dict from one safetensors file, or from a sharded `*.safetensors.index.json`. A file that cannot be read
+    (truncated, empty, damaged, a folder) is a ValueError that names it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if path.endswith(".index.json"):
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, IsADirectoryError) as e:
+            raise ValueError(f"{path} is not a safetensors index ({type(e).__name__}: {e}): write or download it again") from e  # fmt: skip
         state = {}
         for shard in shards:
-            state.update(load_file(os.path.join(os.path.dirname(path), shard)))
+            state.update(_read_safetensors(os.path.join(os.path.dirname(path), shard)))
         return state
-    return load_file(path)
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or damaged; write or download it again") from e  # fmt: skip
 
 
-def check_keys(model, state):
-    """Fail with a readable list unless `state` has exactly the model's keys and shapes."""
+def check_keys(model, state, source="checkpoint"):
+    """Fail with a readable list unless `state` has exactly the model's keys and shapes, and only finite values (NaN
+    or Inf weights would sample black images). `source`, the file, names it in the error."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(expected.keys() - got.keys())
@@ -589,7 +600,14 @@ def check_keys(model, state):
         lines += [f"  unexpected: {k} {got[k]}" for k in unexpected]
         lines += [f"  shape:      {k} checkpoint {got[k]} != model {expected[k]}" for k in wrong]
         raise ValueError(
-            "checkpoint does not match the model:\n" + "\n".join(lines[:50]) + ("\n  ..." if len(lines) > 50 else "")
+            f"{source} does not match the model:\n" + "\n".join(lines[:50]) + ("\n  ..." if len(lines) > 50 else "")
+        )
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.is_meta and not v.isfinite().all())
+    if bad:
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(
+            f"NaN or Inf in {len(bad)} of {len(state)} tensors ({source}: {names}): the run that saved it diverged or "
+            "the file is damaged; load an earlier checkpoint"
         )
 
 
@@ -597,7 +615,7 @@ def load_checkpoint(model, path):
     """Load a diffusers-layout safetensors file (or sharded index) into `model`, strictly (assign=True keeps
     meta-built models cheap)."""
     state = _read_safetensors(path)
-    check_keys(model, state)
+    check_keys(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
 
 
@@ -666,10 +684,15 @@ def _hub_folder(repo, subfolder):
         ) from e
     except RepositoryNotFoundError as e:
         raise RuntimeError(f"{repo} is not a known model name ({', '.join(CONFIGS)}), local path or Hub repo") from e
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError as e:  # not cached, and no download: say why, as it is
+        from huggingface_hub import constants, get_token
+
+        off = [name for name, on in (("HF_HUB_OFFLINE=1", constants.HF_HUB_OFFLINE), ("LOCAL_FILES_ONLY=true", local_only)) if on]  # fmt: skip
+        why = f"downloads are off ({' and '.join(off)})" if off else "the Hugging Face Hub could not be reached (no network?)"  # fmt: skip
+        token = "" if get_token() else " (a gated repo also needs HF_TOKEN)"
         raise FileNotFoundError(
-            f"{repo} is not in the Hugging Face cache (HF_HOME) and downloads are off (HF_HUB_OFFLINE=1 or "
-            f"LOCAL_FILES_ONLY=true); fetch it once with `hf download {repo} --include '{prefix}*'`"
+            f"{repo} is not in the Hugging Face cache (HF_HOME) and {why}: fetch it once with network access, "
+            f"`hf download {repo} --include '{prefix}*'`{token}"
         ) from e
     return os.path.join(folder, subfolder)
 

@@ -643,9 +643,15 @@ def read_state_dict(path):
     """Tensors from a safetensors file or an official .pt state dict; a .pt is unpickled with weights_only=True, so
     only tensors and plain containers are accepted and no code runs."""
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except FileNotFoundError:
+            raise
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or damaged; write or download it again") from e  # fmt: skip
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -657,8 +663,9 @@ def read_state_dict(path):
     return state
 
 
-def check_keys(model, state):
-    """Fail with a readable list unless `state` has exactly the model's keys and shapes."""
+def check_keys(model, state, source="checkpoint"):
+    """Fail with a readable list unless `state` has exactly the model's keys and shapes, and only finite values (NaN
+    or Inf weights would sample black images). `source`, the file, names it in the error."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(expected.keys() - got.keys())
@@ -669,7 +676,14 @@ def check_keys(model, state):
         lines += [f"  unexpected: {k} {got[k]}" for k in unexpected]
         lines += [f"  shape:      {k} checkpoint {got[k]} != model {expected[k]}" for k in wrong]
         raise ValueError(
-            "checkpoint does not match the model:\n" + "\n".join(lines[:50]) + ("\n  ..." if len(lines) > 50 else "")
+            f"{source} does not match the model:\n" + "\n".join(lines[:50]) + ("\n  ..." if len(lines) > 50 else "")
+        )
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.is_meta and not v.isfinite().all())
+    if bad:
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(
+            f"NaN or Inf in {len(bad)} of {len(state)} tensors ({source}: {names}): the run that saved it diverged or "
+            "the file is damaged; load an earlier checkpoint"
         )
 
 
@@ -698,7 +712,7 @@ def load_checkpoint(model, path, adapt=False):
     returns the names of the heads added."""
     state = read_state_dict(path)
     added = _add_method_heads(model, state) if adapt else []
-    check_keys(model, state)
+    check_keys(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
     return added
 
@@ -744,10 +758,13 @@ def _config_of_file(path, config):
     if stem in CONFIGS:
         return CONFIGS[stem]
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or damaged; write or download it again") from e  # fmt: skip
         if "config" in meta:  # written by a training script
             return config_from_json(meta["config"])
         if meta.get("name") in CONFIGS:

@@ -803,24 +803,34 @@ def _progress(iterable, enabled):
 
 
 def _read_safetensors(path):
-    """State dict and metadata from one safetensors file, or from a sharded `*.safetensors.index.json`."""
-    from safetensors import safe_open
+    """State dict and metadata from one safetensors file, or from a sharded `*.safetensors.index.json`. A file that
+    cannot be read (truncated, empty, damaged, a folder) is a ValueError that names it."""
+    from safetensors import SafetensorError, safe_open
 
     if path.endswith(".index.json"):
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, IsADirectoryError) as e:
+            raise ValueError(f"{path} is not a safetensors index ({type(e).__name__}: {e}): write or download it again") from e  # fmt: skip
         state, meta = {}, {}
         for shard in shards:
             s, m = _read_safetensors(os.path.join(os.path.dirname(path), shard))
             state.update(s)
             meta.update(m)
         return state, meta
-    with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or damaged; write or download it again") from e  # fmt: skip
 
 
-def check_keys(model, state):
-    """Fail with a readable list unless `state` has exactly the model's keys and shapes."""
+def check_keys(model, state, source="checkpoint"):
+    """Fail with a readable list unless `state` has exactly the model's keys and shapes, and only finite values (NaN
+    or Inf weights would sample black images). `source`, the file, names it in the error."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(expected.keys() - got.keys())
@@ -831,7 +841,14 @@ def check_keys(model, state):
         lines += [f"  unexpected: {k} {got[k]}" for k in unexpected]
         lines += [f"  shape:      {k} checkpoint {got[k]} != model {expected[k]}" for k in wrong]
         raise ValueError(
-            "checkpoint does not match the model:\n" + "\n".join(lines[:50]) + ("\n  ..." if len(lines) > 50 else "")
+            f"{source} does not match the model:\n" + "\n".join(lines[:50]) + ("\n  ..." if len(lines) > 50 else "")
+        )
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.is_meta and not v.isfinite().all())
+    if bad:
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(
+            f"NaN or Inf in {len(bad)} of {len(state)} tensors ({source}: {names}): the run that saved it diverged or "
+            "the file is damaged; load an earlier checkpoint"
         )
 
 
@@ -872,7 +889,7 @@ def load_checkpoint(model, path, adapt=False):
     added = []
     if adapt:
         state, added = _adapt_heads(model, state)
-    check_keys(model, state)
+    check_keys(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
     return added
 

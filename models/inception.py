@@ -278,8 +278,9 @@ class FeatureStats:
 # Checkpoint loading
 
 
-def check_keys(model, state):
-    """Fail with a readable list unless `state` has exactly the model's keys and shapes."""
+def check_keys(model, state, source="checkpoint"):
+    """Fail with a readable list unless `state` has exactly the model's keys and shapes, and only finite values (NaN
+    or Inf weights would sample black images). `source`, the file, names it in the error."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(expected.keys() - got.keys())
@@ -290,7 +291,14 @@ def check_keys(model, state):
         lines += [f"  unexpected: {k} {got[k]}" for k in unexpected]
         lines += [f"  shape:      {k} checkpoint {got[k]} != model {expected[k]}" for k in wrong]
         raise ValueError(
-            "checkpoint does not match the model:\n" + "\n".join(lines[:50]) + ("\n  ..." if len(lines) > 50 else "")
+            f"{source} does not match the model:\n" + "\n".join(lines[:50]) + ("\n  ..." if len(lines) > 50 else "")
+        )
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.is_meta and not v.isfinite().all())
+    if bad:
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(
+            f"NaN or Inf in {len(bad)} of {len(state)} tensors ({source}: {names}): the run that saved it diverged or "
+            "the file is damaged; load an earlier checkpoint"
         )
 
 
@@ -300,6 +308,7 @@ def from_pretrained(path=None, root=None, device="cpu"):
     `path`: a .safetensors file; default `FILE` under `root` (default `$CKPT_ROOT_DIR` or ./checkpoints), where
     `python download.py inception` writes it.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if path is None:
@@ -309,10 +318,13 @@ def from_pretrained(path=None, root=None, device="cpu"):
             raise FileNotFoundError(f"{path} not found; fetch it with `python download.py inception --root {root}`")
     elif not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found; `python download.py inception` fetches the FID Inception weights")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or damaged; fetch it again with `python download.py inception --force`") from e  # fmt: skip
     with torch.device("meta"):
         model = InceptionV3()
-    check_keys(model, state)
+    check_keys(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval().requires_grad_(False)
 

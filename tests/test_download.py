@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -150,6 +151,8 @@ def test_convert_cli_refuses_and_writes_nothing(tmp_path):
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves `server.files` (path -> bytes) with Range requests, and an ETag where `server.etags` gives one."""
+
     timeout = 10  # seconds a connection may idle; keeps a broken client from hanging the test
 
     def do_GET(self):
@@ -171,6 +174,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
+        if srv.etags.get(self.path):
+            self.send_header("ETag", srv.etags[self.path])
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         data = body[start:]
@@ -186,7 +191,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def server(monkeypatch):
     monkeypatch.setattr(download, "TIMEOUT_S", 10)
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.ranges, srv.cut_after, srv.honor_range = {}, [], None, True
+    srv.files, srv.ranges, srv.cut_after, srv.honor_range, srv.etags = {}, [], None, True, {}
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -201,14 +206,25 @@ EDM_NAME = "edm-cifar10-32x32-cond-vp"  # no published digest: the download's di
 EDM_DEST = Path(download.CHECKPOINTS[EDM_NAME].dest)
 
 
-def test_download_and_convert_cli(server, tmp_path):
+@pytest.fixture(autouse=True)
+def tiny_edm_release(monkeypatch):
+    """Stand the tiny network of pickle_edm_tiny.pkl in for EDM_NAME's architecture: a download's keys and shapes are
+    checked against its name's network."""
+    from dataclasses import replace
+
+    from models import edm
+
+    tiny = replace(edm.CONFIGS[EDM_NAME], img_resolution=8, model_channels=4, channel_mult=(1, 2), num_blocks=2, attn_resolutions=(4,))  # fmt: skip
+    monkeypatch.setitem(edm.CONFIGS, EDM_NAME, tiny)
+
+
+def test_download_and_convert_cli(server, tmp_path, capsys):
     server.files["/edm.pkl"] = EDM_PKL
-    result = run_cli(EDM_NAME, "--root", str(tmp_path), "--url", server.url + "/edm.pkl")
-    assert result.returncode == 0, result.stderr
+    download.main([EDM_NAME, "--root", str(tmp_path), "--url", server.url + "/edm.pkl"])
     dest = tmp_path / EDM_DEST
     assert_written(dest, "pickle_edm_tiny")
     digest = hashlib.sha256(EDM_PKL).hexdigest()
-    assert digest in result.stdout
+    assert digest in capsys.readouterr().out
     assert Path(f"{dest}.sha256").read_text() == f"{digest}  edm.pkl\n"
     # No .part and no temporary files left behind.
     assert sorted(p.name for p in dest.parent.iterdir()) == sorted([dest.name, f"{dest.name}.sha256"])
@@ -261,7 +277,7 @@ def test_checksum_mismatch_leaves_nothing(server, tmp_path):
         download.fetch(EDM_NAME, tmp_path, url=server.url + "/edm.pkl", sha256=wrong)
     message = str(info.value)
     assert wrong in message and hashlib.sha256(EDM_PKL).hexdigest() in message and "--force" in message
-    assert not (tmp_path / EDM_DEST).exists() and list((tmp_path / EDM_DEST.parent).iterdir()) == []
+    assert not (tmp_path / EDM_DEST.parent).exists()  # nor the folder the download made
 
 
 def test_recorded_digest_checks_later_downloads(server, tmp_path):
@@ -443,7 +459,7 @@ def test_inception_prefix_mismatch_leaves_nothing(server, tmp_path):
     server.files["/pt_inception.pth"] = b"not the weights"
     with pytest.raises(download.ChecksumError, match="expected 6726825d..."):
         download.fetch("inception", tmp_path, url=server.url + "/pt_inception.pth")
-    assert list((tmp_path / "inception").iterdir()) == []
+    assert not (tmp_path / "inception").exists()  # nor the folder the download made
 
 
 def test_inception_conversion_runs_no_code_and_checks_keys(tmp_path):
@@ -540,7 +556,7 @@ def test_dit_download_refuses_code_and_wrong_keys(server, tmp_path, tiny_dit_rel
     server.files["/evil.pt"] = evil.getvalue()
     with pytest.raises(download.UnsafePickleError, match="weights_only"):
         download.fetch(name, tmp_path, url=server.url + "/evil.pt")
-    assert not marker.exists() and list((tmp_path / "imagenet-256").iterdir()) == []  # refused part deleted
+    assert not marker.exists() and not (tmp_path / "imagenet-256").exists()  # refused part deleted, and its folder
 
     other = io.BytesIO()
     torch.save({k: v for k, v in state.items() if k != "pos_embed"}, other)
@@ -695,7 +711,7 @@ def test_video_latents_are_the_normalised_vae_means_and_train(videos, tmp_path):
     assert (tmp_path / "video" / "ckpt_0000002").is_dir() and (tmp_path / "causal" / "ckpt_0000002").is_dir()
 
 
-def test_video_latents_resume_and_refuse_other_settings(videos, tmp_path, monkeypatch):
+def test_video_latents_resume_and_refuse_other_settings(videos, tmp_path, monkeypatch, capsys):
     """CogVideoX: the posterior mean times scaling_factor; a rerun writes only the missing shard, the same bytes; a
     rerun with other settings into the same folder is refused."""
     from models import cogvideox_vae
@@ -712,13 +728,24 @@ def test_video_latents_resume_and_refuse_other_settings(videos, tmp_path, monkey
     monkeypatch.setattr(download, "read_video", lambda path, *a: opened.append(os.path.basename(path)) or read(path, *a))  # fmt: skip
     video_latents(root, cog_dir, out, "--model", "cogvideox-2b")
     assert opened == ["c.gif"] and torch.equal(read_shard(out / "shard_00001.safetensors")[0], latents)
-    with pytest.raises(SystemExit, match=r"other settings \(frames: 9 then, 17 now\)"):
-        video_latents(root, cog_dir, out, "--model", "cogvideox-2b", "--frames", "17")
-    with pytest.raises(SystemExit, match="model: 'cogvideox-2b' then, 'cogvideox-5b' now"):
-        video_latents(root, cog_dir, out, "--model", "cogvideox-5b")
+    for flags, message in (
+        (["--model", "cogvideox-2b", "--frames", "17"], "other settings (frames: 9 then, 17 now)"),
+        (["--model", "cogvideox-5b"], "model: 'cogvideox-2b' then, 'cogvideox-5b' now"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            video_latents(root, cog_dir, out, *flags)
+        assert info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_video_latents_bad_input_is_clear(videos, tmp_path, monkeypatch):
+def refused(capsys, message, command, *args):
+    """`command(*args)` ends with exit code 2 and an error line holding the regular expression `message`."""
+    with pytest.raises(SystemExit) as info:
+        command(*args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and re.search("^error: .*" + message, err, re.M), err
+
+
+def test_video_latents_bad_input_is_clear(videos, tmp_path, monkeypatch, capsys):
     root, wan_dir, cog_dir = videos
     cases = [
         ("wan", wan_dir, ["--frames", "8"], r"the wan VAE encodes 1 \+ 4k frames, e.g. 5 or 9"),
@@ -727,15 +754,13 @@ def test_video_latents_bad_input_is_clear(videos, tmp_path, monkeypatch):
         ("wan", wan_dir, ["--height", "72"], "multiples of 16"),
     ]
     for i, (model, vae, flags, message) in enumerate(cases):
-        with pytest.raises(SystemExit, match=message):
-            video_latents(root, vae, tmp_path / str(i), "--model", model, *flags)
+        refused(capsys, message, video_latents, root, vae, tmp_path / str(i), "--model", model, *flags)
     assert os.listdir(tmp_path / "2") == ["settings.json"]  # the failed shard left nothing behind
     (tmp_path / "mp4" / "clips").mkdir(parents=True)
     (tmp_path / "mp4" / "clips" / "x.mp4").write_bytes(b"\0" * 64)
     monkeypatch.setitem(sys.modules, "imageio", None)  # as if imageio were not installed
     monkeypatch.setitem(sys.modules, "imageio.v3", None)
-    with pytest.raises(SystemExit, match=r"x.mp4 needs imageio \(pip install imageio imageio-ffmpeg\)"):
-        video_latents(tmp_path / "mp4", wan_dir, tmp_path / "out", "--model", "wan")
+    message = r"x.mp4 needs imageio \(pip install imageio imageio-ffmpeg\)"
+    refused(capsys, message, video_latents, tmp_path / "mp4", wan_dir, tmp_path / "out", "--model", "wan")
     (tmp_path / "empty" / "clips").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="holds no videos"):
-        video_latents(tmp_path / "empty", wan_dir, tmp_path / "out2", "--model", "wan")
+    refused(capsys, "holds no videos", video_latents, tmp_path / "empty", wan_dir, tmp_path / "out2", "--model", "wan")
