@@ -20,7 +20,7 @@ import os
 import sys
 
 import torch
-from fixture_tools import float64, relative_error, save_fixture
+from fixture_tools import float64, report, save_fixture
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -109,9 +109,7 @@ def main():
         with float64([networks]):
             outputs = official_outputs(net64, *(v.double() for v in (x, sigma, labels, augment)))
         tensors.update({f"output.{k}.f64": v for k, v in outputs.items()})
-        for case in ("cond", "uncond", "cond_augment"):
-            err = relative_error(tensors[f"output.{case}"], tensors[f"output.{case}.f64"])
-            print(f"edm {arch} {case}: official float32 vs float64 {err:.2e} of the output scale")
+        report(tensors, f"edm {arch}")
         path = os.path.join(TESTS, "fixtures", f"edm_{arch}.safetensors")
         save_fixture(path, tensors, {"generator": "tests/generate/make_edm_fixtures.py", "official": json.dumps(kw)})
 
