@@ -16,6 +16,7 @@ reported.
 
 import contextlib
 import os
+import sys
 import types
 
 import torch
@@ -85,6 +86,16 @@ def float64(modules=()):
             setattr(m, name, torch)
 
 
+def modules_under(*folders):
+    """The imported modules whose source lies under one of `folders` (an official checkout): what `float64` patches."""
+    roots = [os.path.join(os.path.abspath(f), "") for f in folders]
+    return [
+        m
+        for m in list(sys.modules.values())
+        if os.path.abspath(getattr(m, "__file__", None) or "/nonexistent").startswith(tuple(roots))
+    ]
+
+
 def relative_error(a, b):
     """max |a - b| / max |b|, in float64."""
     a, b = a.double(), b.double()
@@ -92,7 +103,8 @@ def relative_error(a, b):
 
 
 def save_fixture(path, tensors, metadata=None):
-    """save_file, keeping the committed bits of each tensor that a rerun reproduces to within its noise floor."""
+    """save_file, keeping the committed bits of each tensor that a rerun reproduces to within its noise floor; returns
+    the tensors the file holds."""
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     committed = load_file(path) if os.path.exists(path) else {}
     kept, new_keys, changed = 0, [], []
@@ -111,16 +123,17 @@ def save_fixture(path, tensors, metadata=None):
     gone = sorted(set(committed) - set(tensors))
     if committed and not (new_keys or changed or gone) and safe_open(path, "pt").metadata() == metadata:
         print(f"{path}: unchanged ({kept} tensors kept from the committed file: a rerun differed within the noise floor)")  # fmt: skip
-        return
+        return tensors
     save_file(tensors, path, metadata=metadata)
     print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB; {kept} tensors kept from the committed file (a rerun "
           f"differed within the noise floor), {len(new_keys)} new, {len(changed)} changed{': ' if changed else ''}"
           f"{', '.join(changed)}{'; dropped: ' + ', '.join(gone) if gone else ''}")  # fmt: skip
+    return tensors
 
 
-def report(tensors, name):
+def report(tensors, name, exclude=()):
     """Print the official code's own float32 error (float32 vs float64 outputs), worst over the keys with both."""
-    pairs = [k for k in tensors if k + ".f64" in tensors]
+    pairs = [k for k in tensors if k + ".f64" in tensors and k not in exclude]
     worst = max(pairs, key=lambda k: relative_error(tensors[k], tensors[k + ".f64"]))
     err = relative_error(tensors[worst], tensors[worst + ".f64"])
     print(

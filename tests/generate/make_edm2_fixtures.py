@@ -115,11 +115,11 @@ def main():
     with float64([networks_edm2]):
         norms = forced_norms(trained64, x.double(), sigma.double(), labels.double(), MPConv)
     tensors.update({f"{k}.f64": v for k, v in norms.items()})
-    report({k: v for k, v in tensors.items() if k.startswith("output.")}, "edm2 outputs")
-    report({k: v for k, v in tensors.items() if k.startswith("forced_norm.")}, "edm2 forced norms")
 
     path = os.path.join(TESTS, "fixtures", "edm2_tiny.safetensors")
-    save_fixture(path, tensors, {"generator": "tests/generate/make_edm2_fixtures.py", "official": json.dumps(TINY)})
+    tensors = save_fixture(path, tensors, {"generator": "tests/generate/make_edm2_fixtures.py", "official": json.dumps(TINY)})  # fmt: skip
+    report({k: v for k, v in tensors.items() if k.startswith("output.")}, "edm2 outputs")
+    report({k: v for k, v in tensors.items() if k.startswith("forced_norm.")}, "edm2 forced norms")
 
 
 if __name__ == "__main__":

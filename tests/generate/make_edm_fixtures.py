@@ -109,9 +109,9 @@ def main():
         with float64([networks]):
             outputs = official_outputs(net64, *(v.double() for v in (x, sigma, labels, augment)))
         tensors.update({f"output.{k}.f64": v for k, v in outputs.items()})
-        report(tensors, f"edm {arch}")
         path = os.path.join(TESTS, "fixtures", f"edm_{arch}.safetensors")
-        save_fixture(path, tensors, {"generator": "tests/generate/make_edm_fixtures.py", "official": json.dumps(kw)})
+        tensors = save_fixture(path, tensors, {"generator": "tests/generate/make_edm_fixtures.py", "official": json.dumps(kw)})  # fmt: skip
+        report(tensors, f"edm {arch}")
 
 
 if __name__ == "__main__":
