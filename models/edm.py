@@ -385,7 +385,9 @@ class PositionalEmbedding(nn.Module):
         self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
     def forward(self, x):
-        freqs = torch.arange(self.num_channels // 2, dtype=torch.float32, device=x.device)
+        # The frequencies in float32 as the original (also for half-precision x), in float64 for float64 x.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        freqs = torch.arange(self.num_channels // 2, dtype=dtype, device=x.device)
         freqs = (1 / self.max_positions) ** (freqs / (self.num_channels // 2 - (1 if self.endpoint else 0)))
         x = torch.outer(x, freqs.to(x.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1)

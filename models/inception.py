@@ -202,8 +202,9 @@ class InceptionV3(nn.Module):
 
     def forward(self, images):
         """`images`: uint8 in [0, 255] or floats in [0, 1]; one channel is repeated to three (as EDM's fid.py does)."""
-        x = images.float() / 255 if images.dtype == torch.uint8 else images
-        x = x.to(self.fc.weight.dtype).expand(-1, 3, -1, -1)  # (N, 3, H, W)
+        if images.dtype == torch.uint8:  # to [0, 1] in float32 (also for half-precision weights), float64 for float64
+            images = images.to(torch.promote_types(self.fc.weight.dtype, torch.float32)) / 255
+        x = images.to(self.fc.weight.dtype).expand(-1, 3, -1, -1)  # (N, 3, H, W)
         # Resize, then scale to [-1, 1], in this order, as pytorch-fid does.
         x = F.interpolate(x, size=(RESOLUTION, RESOLUTION), mode="bilinear", align_corners=False)
         x = 2 * x - 1  # (N, 3, 299, 299)

@@ -157,62 +157,113 @@ def test_pos_embed_equals_the_official_sincos_table():
     assert torch.equal(dit.DiT(dit.CONFIGS["tiny"]).pos_embed, weights["pos_embed"])
 
 
+# The fixtures hold the official outputs in float32 (`output.<name>`) and from the same official code (network,
+# diffusion and ODE samplers) run in float64 on the same weights and inputs (`output.<name>.f64`,
+# tests/generate/fixture_tools.py). Bounds, relative to the output scale:
+# - float64 against float64: 1e-12. Measured 2e-16..1.4e-15 (DiT forward, guidance, DDIM, DDPM; SiT forward,
+#   guidance, Euler, Heun; 1 and 2 threads): float64 rounding, which no CPU moves to 1e-12.
+# - float32 against the official float32: 20x the official code's own float32 error on the fixture (its float32 vs
+#   float64 outputs, measured up to 4.5e-6 for DiT, whose timestep features round in float32 at t up to 999, and
+#   7.4e-7 for SiT; ours against it up to 1.9e-6 and 9e-7). DDPM's float64 run draws its fresh noise in float64 (the
+#   same seed, other numbers), so its float32 vs float64 difference is not rounding and does not count.
+F64_BOUND = 1e-12
+F32_FACTOR = 20
+
+
+def official_float32_error(t):
+    """The official code's own float32 error on a fixture: its float32 vs float64 outputs, worst case (not DDPM)."""
+    keys = [k for k in t if k.startswith("output.") and k + ".f64" in t and k != "output.ddpm"]
+    return max(relative_error(t[k].double(), t[k + ".f64"]) for k in keys)
+
+
+def official_cases(name, model, t, dtype):
+    """name -> our output in the official convention (SiT: time t_SiT = 1 - t, output x0 - eps = -flow)."""
+    x, steps, labels, noise = t["input.x"].to(dtype), t["input.t"].double(), t["input.labels"], t["input.noise"]
+    if name == "sit":
+        steps = 1 - steps
+    sign = 1 if name == "dit" else -1
+    with torch.no_grad():
+        out = {"forward": sign * model(x, steps, labels)}
+        out["cfg"] = sign * dit.guided(model, x, steps, labels, 4.0, guided_channels=3)
+    noise = noise.to(dtype)
+    if name == "dit":  # 5 respaced steps of DiT's ddim_sample_loop and p_sample_loop (learned variance)
+        out["ddim"] = dit.sample_ddim(model, noise, labels, steps=5)
+        out["ddpm"] = dit.sample_ddpm(model, noise, labels, steps=5, generator=torch.Generator().manual_seed(7))
+    else:  # 5 fixed steps of SiT's sample_ode (torchdiffeq euler and heun2) from t_SiT = 0 to 1
+        out["euler"] = dit.sample_euler(model, noise, labels, steps=5)
+        out["heun2"] = dit.sample_heun(model, noise, labels, steps=5)
+    return out
+
+
 def test_dit_matches_official_outputs():
+    """Ours in float64 against the official code in float64; bound F64_BOUND (measured above)."""
     model, t = fixture_model("dit")
-    x, steps, labels = t["input.x"], t["input.t"], t["input.labels"]
-    one_hot = torch.nn.functional.one_hot(labels, 11)[:, :10].float()  # the null class (10) becomes an all-zero row
+    model.double()
+    x, steps, labels = t["input.x"].double(), t["input.t"], t["input.labels"]
+    one_hot = torch.nn.functional.one_hot(labels, 11)[:, :10].double()  # the null class (10) becomes an all-zero row
     with torch.no_grad():
         out = model(x, steps.double(), labels)
-        assert out.shape == (4, 8, 8, 8)  # eps and the variance channels
-        assert relative_error(out, t["output.forward"]) < 1e-5
+        assert out.shape == (4, 8, 8, 8) and out.dtype == torch.float64  # eps and the variance channels
+        assert relative_error(out, t["output.forward.f64"]) < F64_BOUND
         assert torch.equal(model(x, steps.double(), one_hot), out)
         assert torch.equal(model(x, steps, labels), out)  # integer timesteps, as the official sampler passes them
         guided = dit.guided(model, x, steps.double(), labels, 4.0, guided_channels=3)
-    assert relative_error(guided, t["output.cfg"]) < 1e-5
+    assert relative_error(guided, t["output.cfg.f64"]) < F64_BOUND
 
 
 def test_sit_matches_official_outputs_in_the_flow_convention():
-    """Official SiT: x_t = t x0 + (1 - t) eps, output x0 - eps. Ours: time 1 - t, output eps - x0."""
+    """Official SiT: x_t = t x0 + (1 - t) eps, output x0 - eps. Ours: time 1 - t, output eps - x0. In float64 against
+    the official float64 outputs, bound F64_BOUND."""
     model, t = fixture_model("sit")
-    x, t_sit, labels = t["input.x"], t["input.t"], t["input.labels"]
+    model.double()
+    x, t_sit, labels = t["input.x"].double(), t["input.t"], t["input.labels"]
     with torch.no_grad():
         out = model(x, 1 - t_sit.double(), labels)
         assert out.shape == (4, 4, 8, 8)
-        assert relative_error(out, -t["output.forward"]) < 1e-5
+        assert relative_error(out, -t["output.forward.f64"]) < F64_BOUND
         guided = dit.guided(model, x, 1 - t_sit.double(), labels, 4.0, guided_channels=3)
-    assert relative_error(guided, -t["output.cfg"]) < 1e-5
+    assert relative_error(guided, -t["output.cfg.f64"]) < F64_BOUND
 
 
 def test_guidance_of_all_latent_channels_by_default():
-    """The official samplers guide 3 of the 4 channels; ours guides all 4 unless asked: only channel 3 differs."""
+    """The official samplers guide 3 of the 4 channels; ours guides all 4 unless asked: only channel 3 differs.
+    In float64 (F64_BOUND against the formula and the official float64 output)."""
     model, t = fixture_model("dit")
-    x, steps, labels = t["input.x"], t["input.t"].double(), t["input.labels"]
+    model.double()
+    x, steps, labels = t["input.x"].double(), t["input.t"].double(), t["input.labels"]
     with torch.no_grad():
         ours = dit.guided(model, x, steps, labels, 4.0)
         cond, uncond = model(x, steps, labels), model(x, steps, None)
-    assert torch.allclose(ours[:, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), atol=1e-5)
+    assert relative_error(ours[:, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4])) < F64_BOUND
     assert torch.equal(ours[:, 4:], cond[:, 4:])
-    assert torch.allclose(ours[:, :3], t["output.cfg"][:, :3], atol=1e-5 * t["output.cfg"].abs().max())
-    assert not torch.allclose(ours[:, 3], t["output.cfg"][:, 3])
+    assert relative_error(ours[:, :3], t["output.cfg.f64"][:, :3]) < F64_BOUND
+    assert not torch.allclose(ours[:, 3], t["output.cfg.f64"][:, 3])
 
 
-def test_dit_samplers_match_the_official_diffusion_code():
-    """5 respaced steps of DiT's ddim_sample_loop and p_sample_loop (learned variance, same noise stream)."""
-    model, t = fixture_model("dit")
-    noise, labels = t["input.noise"], t["input.labels"]
+@pytest.mark.parametrize("name", ["dit", "sit"])
+def test_samplers_match_the_official_samplers(name):
+    """DiT: 5 respaced steps of its ddim_sample_loop and p_sample_loop (learned variance, the same noise stream: in
+    float64 both draw float64 noise from seed 7). SiT: 5 fixed steps of its sample_ode (torchdiffeq euler and heun2)
+    from t_SiT = 0 to 1. In float64 against the official float64 samples, bound F64_BOUND."""
+    model, t = fixture_model(name)
     assert dit.respaced_timesteps(5) == [0, 250, 500, 749, 999]
-    ddim = dit.sample_ddim(model, noise, labels, steps=5)
-    assert relative_error(ddim, t["output.ddim"]) < 1e-5
-    ddpm = dit.sample_ddpm(model, noise, labels, steps=5, generator=torch.Generator().manual_seed(7))
-    assert relative_error(ddpm, t["output.ddpm"]) < 1e-5
+    for case, out in official_cases(name, model.double(), t, torch.float64).items():
+        assert out.dtype == torch.float64
+        err = relative_error(out, t[f"output.{case}.f64"])
+        assert err < F64_BOUND, f"{name} {case}: max abs error {err:.2e} of output scale"
 
 
-def test_sit_samplers_match_the_official_ode_sampler():
-    """5 fixed steps of SiT's sample_ode (torchdiffeq euler and heun2) from t_SiT = 0 to 1."""
-    model, t = fixture_model("sit")
-    noise, labels = t["input.noise"], t["input.labels"]
-    assert relative_error(dit.sample_euler(model, noise, labels, steps=5), t["output.euler"]) < 1e-5
-    assert relative_error(dit.sample_heun(model, noise, labels, steps=5), t["output.heun2"]) < 1e-5
+@pytest.mark.parametrize("name", ["dit", "sit"])
+def test_float32_matches_official_float32_outputs(name):
+    """Ours in float32 against the official code in float32 (network, guidance, samplers): the float32 path, with
+    DiT's timestep features in float32 as the original. Bound: F32_FACTOR x the official code's own float32 error on
+    the fixture."""
+    model, t = fixture_model(name)
+    bound = F32_FACTOR * official_float32_error(t)
+    for case, out in official_cases(name, model, t, torch.float32).items():
+        assert out.dtype == torch.float32
+        err = relative_error(out, t[f"output.{case}"])
+        assert err < bound, f"{name} {case}: max abs error {err:.2e} of output scale, bound {bound:.1e}"
 
 
 # ----------------------------------------------------------------------------
@@ -333,17 +384,19 @@ def test_from_pretrained_adds_zero_method_heads(tmp_path, capsys):
     is the released one whatever r is; a file with the heads loads them as they are."""
     weights, t = load_fixture("dit_tiny")
     torch.save(weights, tmp_path / "tiny.pt")
-    model = dit.from_pretrained(str(tmp_path / "tiny.pt"), config="tiny", r_timestep=True, time_cond_type="diff", logvar_head=True)  # fmt: skip
+    model = dit.from_pretrained(str(tmp_path / "tiny.pt"), config="tiny", dtype=torch.float64, r_timestep=True, time_cond_type="diff", logvar_head=True)  # fmt: skip
     assert "added r input (zero-initialised), logvar head (zero-initialised)" in capsys.readouterr().out
-    x, steps, labels = t["input.x"], t["input.t"].double(), t["input.labels"]
+    x, steps, labels = t["input.x"].double(), t["input.t"].double(), t["input.labels"]
     with torch.no_grad():
         out, logvar = model(x, steps, labels, r=steps / 2, return_logvar=True)
-    assert relative_error(out, t["output.forward"]) < 1e-5 and torch.equal(logvar, torch.zeros(len(x), 1))
+    # The official float64 output, bound F64_BOUND (see the parity tests): the zero heads add nothing.
+    assert relative_error(out, t["output.forward.f64"]) < F64_BOUND
+    assert torch.equal(logvar, torch.zeros(len(x), 1, dtype=torch.float64))
     assert model.r_embedder.mlp[0].weight.std() > 0.01  # the first layer is live, so the r path trains
 
     trained = perturbed(model)
     save_file(trained.state_dict(), str(tmp_path / "trained.safetensors"), metadata={"config": dit.config_to_json(trained.cfg)})  # fmt: skip
-    again = dit.from_pretrained(str(tmp_path / "trained.safetensors"))
+    again = dit.from_pretrained(str(tmp_path / "trained.safetensors"), dtype=torch.float64)
     assert again.cfg.r_timestep and all(torch.equal(again.state_dict()[k], v) for k, v in trained.state_dict().items())
 
 
@@ -406,10 +459,10 @@ def test_flow_samplers_on_exact_flows():
 def test_from_pretrained_reads_an_official_pt(tmp_path, monkeypatch):
     weights, t = load_fixture("dit_tiny")
     torch.save(weights, tmp_path / "tiny.pt")  # the release format: a plain state dict
-    model = dit.from_pretrained(str(tmp_path / "tiny.pt"), config="tiny")
+    model = dit.from_pretrained(str(tmp_path / "tiny.pt"), config="tiny", dtype=torch.float64)
     with torch.no_grad():
-        out = model(t["input.x"], t["input.t"].double(), t["input.labels"])
-    assert relative_error(out, t["output.forward"]) < 1e-5
+        out = model(t["input.x"].double(), t["input.t"].double(), t["input.labels"])
+    assert relative_error(out, t["output.forward.f64"]) < F64_BOUND  # the official float64 output (parity tests)
 
     # By released name, under the checkpoint root.
     monkeypatch.setitem(dit.CONFIGS, "tiny-release", replace(dit.CONFIGS["tiny"], file="imagenet-256/tiny.pt"))

@@ -13,9 +13,13 @@ Outputs (committed; the tests need only torch and safetensors):
                                   (5 respaced steps), and that code's beta and alphas_cumprod tables
   tests/fixtures/sit_tiny.safetensors
                                   the same for SiT in SiT's own time convention, with its Euler and Heun ODE samples
+Each official output `output.<name>` (float32, as the official code runs) comes again as `output.<name>.f64`: the same
+official code (network, diffusion and ODE samplers) run in float64 on the same weights and inputs (see
+fixture_tools.py); DDPM's fresh noise is then drawn in float64 from the same seed.
 """
 
 import argparse
+import copy
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -26,7 +30,7 @@ import sys
 import types
 
 import torch
-from safetensors.torch import save_file
+from fixture_tools import float64, modules_under, report, save_fixture
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -109,7 +113,7 @@ def main():
 
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 3, 10, 9])  # 10 = the null class
-    null = torch.full_like(labels, 10)
+    official_code = modules_under(args.dit_repo, args.sit_repo) + list(official.values())
 
     # DiT: t is the DDPM timestep, an integer in [0, 999].
     torch.manual_seed(0)
@@ -121,15 +125,11 @@ def main():
     noise = torch.randn(4, 4, 8, 8, generator=g)
     full = create_diffusion("")  # all 1000 steps
     five = create_diffusion("5")  # the respacing that sample.py's --num-sampling-steps 5 uses
-    with torch.no_grad():
-        tensors["output.forward"] = net(x, t, labels)
-        # forward_with_cfg guides the first half of a doubled batch: [x, labels] and [x, null].
-        doubled = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
-        tensors["output.cfg"] = net.forward_with_cfg(*doubled, 4.0)[:4]
-        kw = dict(clip_denoised=False, model_kwargs=dict(y=labels), device="cpu")
-        tensors["output.ddim"] = five.ddim_sample_loop(net.forward, noise.shape, noise, **kw)
-        torch.manual_seed(7)  # p_sample draws its noise with torch.randn_like from the global generator
-        tensors["output.ddpm"] = five.p_sample_loop(net.forward, noise.shape, noise, **kw)
+    tensors.update({f"output.{k}": v for k, v in dit_outputs(net, x, t, labels, noise, five).items()})
+    net64 = copy.deepcopy(net).double()  # the same weights, exactly
+    with float64(official_code):
+        outputs = dit_outputs(net64, x.double(), t, labels, noise.double(), five)
+    tensors.update({f"output.{k}.f64": v for k, v in outputs.items()})
     tensors.update({"input.x": x, "input.t": t, "input.labels": labels, "input.noise": noise})
     tensors["schedule.betas"] = torch.from_numpy(full.betas)
     tensors["schedule.alphas_cumprod"] = torch.from_numpy(full.alphas_cumprod)
@@ -144,22 +144,45 @@ def main():
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])  # exact in float32, and so is 1 - t
     noise = torch.randn(4, 4, 8, 8, generator=g)
     sampler = Sampler(create_transport("Linear", "velocity"))
-    with torch.no_grad():
-        tensors["output.forward"] = net(x, t, labels)
-        doubled = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
-        tensors["output.cfg"] = net.forward_with_cfg(*doubled, 4.0)[:4]
-        for method in ("euler", "heun2"):  # 5 fixed steps from t = 0 to t = 1
-            ode = sampler.sample_ode(sampling_method=method, num_steps=6)
-            tensors[f"output.{method}"] = ode(noise, net.forward, y=labels)[-1]
+    tensors.update({f"output.{k}": v for k, v in sit_outputs(net, x, t, labels, noise, sampler).items()})
+    net64 = copy.deepcopy(net).double()
+    with float64(official_code):
+        outputs = sit_outputs(net64, x.double(), t.double(), labels, noise.double(), sampler)
+    tensors.update({f"output.{k}.f64": v for k, v in outputs.items()})
     tensors.update({"input.x": x, "input.t": t, "input.labels": labels, "input.noise": noise})
     write("sit_tiny", tensors, TINY)
+
+
+@torch.no_grad()
+def dit_outputs(net, x, t, labels, noise, five):
+    out = {"forward": net(x, t, labels)}
+    # forward_with_cfg guides the first half of a doubled batch: [x, labels] and [x, null].
+    doubled = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, 10)]))
+    out["cfg"] = net.forward_with_cfg(*doubled, 4.0)[:4]
+    kw = dict(clip_denoised=False, model_kwargs=dict(y=labels), device="cpu")
+    out["ddim"] = five.ddim_sample_loop(net.forward, noise.shape, noise, **kw)
+    torch.manual_seed(7)  # p_sample draws its noise with torch.randn_like from the global generator
+    out["ddpm"] = five.p_sample_loop(net.forward, noise.shape, noise, **kw)
+    return out
+
+
+@torch.no_grad()
+def sit_outputs(net, x, t, labels, noise, sampler):
+    out = {"forward": net(x, t, labels)}
+    doubled = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, 10)]))
+    out["cfg"] = net.forward_with_cfg(*doubled, 4.0)[:4]
+    for method in ("euler", "heun2"):  # 5 fixed steps from t = 0 to t = 1
+        ode = sampler.sample_ode(sampling_method=method, num_steps=6)  # its time grid in the default dtype
+        out[method] = ode(noise, net.forward, y=labels)[-1]
+    return out
 
 
 def write(name, tensors, config):
     path = os.path.join(TESTS, "fixtures", f"{name}.safetensors")
     metadata = {"generator": "tests/generate/make_dit_fixtures.py", "official": json.dumps(config)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
-    print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB")
+    tensors = save_fixture(path, tensors, metadata)
+    # DDPM's float64 run draws other noise (float64 normals from the same seed): not a rounding difference.
+    report({k: v for k, v in tensors.items() if k.startswith("output.")}, name, exclude=["output.ddpm"])
 
 
 if __name__ == "__main__":

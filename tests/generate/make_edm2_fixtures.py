@@ -12,7 +12,9 @@ Outputs (committed; the tests need only torch and safetensors):
                         names (stored as float16 and rounded to it before the official run, so they are exact; gains as
                         [1]), inputs `input.*`, the official float32 outputs `output.*` (x0 and logvar, with and
                         without labels, at two sigma pairs), and `forced_norm.<key>`: the row norms of every MPConv
-                        weight after the official forced weight normalisation (one training-mode forward)
+                        weight after the official forced weight normalisation (one training-mode forward); and each
+                        output again as `<key>.f64`, from the same official code run in float64 on the same weights
+                        and inputs (see fixture_tools.py)
 """
 
 import argparse
@@ -23,7 +25,7 @@ import os
 import sys
 
 import torch
-from safetensors.torch import save_file
+from fixture_tools import float64, report, save_fixture
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -58,11 +60,24 @@ def randomize(net, generator):
             p.copy_(p.half().float())
 
 
+@torch.no_grad()
+def official_outputs(net, x, sigma, labels):
+    cond, logvar = net(x, sigma, labels, return_logvar=True)
+    return {"cond": cond, "uncond": net(x, sigma), "logvar": logvar.reshape(-1, 1)}
+
+
+@torch.no_grad()
+def forced_norms(trained, x, sigma, labels, MPConv):
+    trained(x, sigma, labels, return_logvar=True)
+    return {f"forced_norm.{n}.weight": m.weight.flatten(1).norm(dim=1) for n, m in trained.named_modules() if isinstance(m, MPConv)}  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edm2_repo", required=True, help="checkout of https://github.com/NVlabs/edm2")
     args = parser.parse_args()
     sys.path.insert(0, args.edm2_repo)
+    from training import networks_edm2
     from training.networks_edm2 import MPConv, Precond
 
     os.makedirs(os.path.join(TESTS, "manifests"), exist_ok=True)
@@ -81,29 +96,30 @@ def main():
     tensors = {k: v.reshape(v.shape or [1]).half().contiguous() for k, v in net.state_dict().items()}
 
     labels = torch.nn.functional.one_hot(torch.tensor([3, 7]), 10).float()
+    net64 = copy.deepcopy(net).double()  # the same weights, exactly
     for suffix, sigma in (("", [0.5, 10.0]), ("2", [0.002, 80.0])):
         sigma = torch.tensor(sigma)
         x = torch.randn(2, 3, 8, 8, generator=g) * 0.5 + torch.randn(2, 3, 8, 8, generator=g) * sigma.reshape(-1, 1, 1, 1)  # fmt: skip
-        with torch.no_grad():
-            cond, logvar = net(x, sigma, labels, return_logvar=True)
-            tensors[f"input.x{suffix}"] = x
-            tensors[f"input.sigma{suffix}"] = sigma
-            tensors[f"output.cond{suffix}"] = cond
-            tensors[f"output.uncond{suffix}"] = net(x, sigma)
-            tensors[f"output.logvar{suffix}"] = logvar.reshape(-1, 1)
+        tensors[f"input.x{suffix}"] = x
+        tensors[f"input.sigma{suffix}"] = sigma
+        tensors.update({f"output.{k}{suffix}": v for k, v in official_outputs(net, x, sigma, labels).items()})
+        with float64([networks_edm2]):
+            outputs = official_outputs(net64, x.double(), sigma.double(), labels.double())
+        tensors.update({f"output.{k}{suffix}.f64": v for k, v in outputs.items()})
     tensors["input.labels"] = labels
 
     # Forced weight normalisation as the official code does it: inside MPConv.forward in training mode.
-    trained = copy.deepcopy(net).train()
-    with torch.no_grad():
-        trained(tensors["input.x"], tensors["input.sigma"], labels, return_logvar=True)
-    for name, m in trained.named_modules():
-        if isinstance(m, MPConv):
-            tensors[f"forced_norm.{name}.weight"] = m.weight.flatten(1).norm(dim=1)
+    x, sigma = tensors["input.x"], tensors["input.sigma"]
+    tensors.update(forced_norms(copy.deepcopy(net).train(), x, sigma, labels, MPConv))
+    trained64 = copy.deepcopy(net64).train()
+    with float64([networks_edm2]):
+        norms = forced_norms(trained64, x.double(), sigma.double(), labels.double(), MPConv)
+    tensors.update({f"{k}.f64": v for k, v in norms.items()})
 
     path = os.path.join(TESTS, "fixtures", "edm2_tiny.safetensors")
-    save_file(tensors, path, metadata={"generator": "tests/generate/make_edm2_fixtures.py", "official": json.dumps(TINY)})  # fmt: skip
-    print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB")
+    tensors = save_fixture(path, tensors, {"generator": "tests/generate/make_edm2_fixtures.py", "official": json.dumps(TINY)})  # fmt: skip
+    report({k: v for k, v in tensors.items() if k.startswith("output.")}, "edm2 outputs")
+    report({k: v for k, v in tensors.items() if k.startswith("forced_norm.")}, "edm2 forced norms")
 
 
 if __name__ == "__main__":

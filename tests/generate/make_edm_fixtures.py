@@ -7,17 +7,20 @@ Outputs (committed; the tests need only torch and safetensors):
   tests/manifests/<name>.json       state_dict keys and shapes of the official EDMPrecond for each released checkpoint
   tests/fixtures/edm_<arch>.safetensors
                                     a tiny official network with random weights (under the real key names), inputs
-                                    and the official outputs, for ddpmpp, ncsnpp and adm
+                                    and the official outputs, for ddpmpp, ncsnpp and adm: `output.<case>` in float32
+                                    as the official code runs, `output.<case>.f64` from the same code run in float64
+                                    on the same weights and inputs (see fixture_tools.py)
 """
 
 import argparse
+import copy
 import json
 import math
 import os
 import sys
 
 import torch
-from safetensors.torch import save_file
+from fixture_tools import float64, report, save_fixture
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -60,11 +63,19 @@ def randomize(net, generator):
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator))
 
 
+@torch.no_grad()
+def official_outputs(net, x, sigma, labels, augment):
+    out = {"cond": net(x, sigma, labels), "uncond": net(x, sigma)}
+    out["cond_augment"] = net(x, sigma, labels, augment_labels=augment)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edm_repo", required=True, help="checkout of https://github.com/NVlabs/edm")
     args = parser.parse_args()
     sys.path.insert(0, args.edm_repo)
+    from training import networks
     from training.networks import EDMPrecond
 
     os.makedirs(os.path.join(TESTS, "manifests"), exist_ok=True)
@@ -89,19 +100,18 @@ def main():
         x = x * (1 + sigma.reshape(-1, 1, 1, 1))
         labels = torch.nn.functional.one_hot(torch.tensor([0, 3, 7, 9]), 10).float()
         augment = torch.randn(4, 9, generator=g)
-        with torch.no_grad():
-            tensors["input.x"] = x
-            tensors["input.sigma"] = sigma
-            tensors["input.labels"] = labels
-            tensors["input.augment"] = augment
-            tensors["output.cond"] = net(x, sigma, labels)
-            tensors["output.uncond"] = net(x, sigma)
-            tensors["output.cond_augment"] = net(x, sigma, labels, augment_labels=augment)
+        tensors["input.x"] = x
+        tensors["input.sigma"] = sigma
+        tensors["input.labels"] = labels
+        tensors["input.augment"] = augment
+        tensors.update({f"output.{k}": v for k, v in official_outputs(net, x, sigma, labels, augment).items()})
+        net64 = copy.deepcopy(net).double()  # the same weights, exactly
+        with float64([networks]):
+            outputs = official_outputs(net64, *(v.double() for v in (x, sigma, labels, augment)))
+        tensors.update({f"output.{k}.f64": v for k, v in outputs.items()})
         path = os.path.join(TESTS, "fixtures", f"edm_{arch}.safetensors")
-        save_file(
-            tensors, path, metadata={"generator": "tests/generate/make_edm_fixtures.py", "official": json.dumps(kw)}
-        )
-        print(f"{path}: {os.path.getsize(path) / 1e3:.0f} KB")
+        tensors = save_fixture(path, tensors, {"generator": "tests/generate/make_edm_fixtures.py", "official": json.dumps(kw)})  # fmt: skip
+        report(tensors, f"edm {arch}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ Needs torch, torchvision, numpy and scipy (pytorch-fid's imports). Outputs (comm
                         i.e. of pt_inception-2015-12-05-6726825d.pth
   tests/fixtures/inception_fid.safetensors
                         two 32x32 uint8 images and the 2048-d features pytorch-fid's `InceptionV3` gives them (resize
-                        and normalisation included) with deterministic pseudo-random weights under the real key names;
-                        and two random Gaussians with pytorch-fid's `calculate_frechet_distance` of them
+                        and normalisation included) with deterministic pseudo-random weights under the real key names
+                        (`features`, float32, and `features.f64`: the same code run in float64 on the same weights and
+                        images, see fixture_tools.py); and two random Gaussians with pytorch-fid's
+                        `calculate_frechet_distance` of them
 
 The full network has 23.9M weights, too many to commit; `hashed_weights` makes them from an integer hash of their
 position, exactly and identically on every machine, and tests/conftest.py makes them the same way (the fixture keeps
@@ -18,13 +20,14 @@ the sum of every tensor, so a difference in the weights shows up as such).
 """
 
 import argparse
+import copy
 import json
 import math
 import os
 import sys
 
 import torch
-from safetensors.torch import save_file
+from fixture_tools import float64, modules_under, report, save_fixture
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -86,6 +89,9 @@ def main():
     with torch.no_grad():
         # What pytorch-fid's get_activations does: images in [0, 1] (ToTensor), pool3 output squeezed.
         features = model(images.float() / 255)[0].squeeze(3).squeeze(2)
+    model64 = copy.deepcopy(model).double()  # the same weights, exactly
+    with torch.no_grad(), float64(modules_under(args.pytorch_fid_repo)):
+        features64 = model64(images.double() / 255)[0].squeeze(3).squeeze(2)
     size = features.abs()
     print(f"features {tuple(features.shape)}: largest {size.max():.4g}, mean size {size.mean():.4g}")
 
@@ -99,6 +105,7 @@ def main():
     fixture = {
         "images": images,
         "features": features.contiguous(),
+        "features.f64": features64.contiguous(),
         "weight_sums": torch.stack([weights[k].double().sum() for k in manifest]),
         "mu1": mu1,
         "sigma1": sigma1,
@@ -107,8 +114,9 @@ def main():
         "frechet": torch.tensor([float(frechet)], dtype=torch.float64),
     }
     path = os.path.join(TESTS, "fixtures", "inception_fid.safetensors")
-    save_file(fixture, path, metadata={"source": "pytorch-fid InceptionV3, hashed weights"})
-    print(f"wrote {path}; frechet distance {float(frechet):.6f}")
+    fixture = save_fixture(path, fixture, {"source": "pytorch-fid InceptionV3, hashed weights"})
+    report({k: v for k, v in fixture.items() if k.startswith("features")}, "inception features")
+    print(f"frechet distance {fixture['frechet'].item():.6f}")
 
 
 if __name__ == "__main__":
