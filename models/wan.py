@@ -19,7 +19,8 @@ Causal form, same weights: `forward(..., chunk_size=3)` runs the whole clip with
 are grouped into chunks, the first chunk absorbing the remainder, and a token sees its own chunk and all earlier ones);
 `forward_chunk(x, t, text, cache, commit=...)` runs one chunk against a `KVCache` of the chunks committed so far, and
 `causal_sample` is the chunk-by-chunk rollout (denoise a chunk, then commit it with one more pass at t = 0 or at a
-small context noise). The two agree to float rounding (tested).
+small context noise). The two agree to float rounding (tested), and both equal Self-Forcing's own CausalWanModel and
+pipelines in float64 (tests/test_wan_causal_reference.py).
 
 Checkpoints: the diffusers layout (`transformer/` of Wan-AI/Wan2.1-*-Diffusers: config.json and safetensors, sharded
 with an index for 14B); module names here equal those keys, so loading is strict. The official Wan layout
@@ -106,6 +107,10 @@ CONFIGS = {
 PRED_TYPE = "flow"  # the network predicts d x_t / dt = eps - x0
 T_MAX = 0.999  # FastGen's largest training / sampling time for rf (t = 1 exactly is never trained on)
 SELF_FORCING_T_LIST = (0.999, 0.937, 0.833, 0.624, 0.0)  # 4-step times of CausVid / Self-Forcing (FastGen configs)
+# Self-Forcing's own 4 steps, with which its released students (self-forcing-*) were trained and sample: its
+# denoising_step_list [1000, 750, 500, 250] with warp_denoising_step (configs/self_forcing_dmd.yaml), i.e. the times
+# shift_time(s / 1000, 5) of its FlowMatchScheduler table, t = 1 included. FastGen's list above rounds them.
+SELF_FORCING_OFFICIAL_T_LIST = (1.0, 0.9375, 2.5 / 3, 0.625, 0.0)
 
 
 def alpha(t):
@@ -183,7 +188,8 @@ def t_list(steps=4, shift=5.0):
     """Few-step student times: linspace(1, 0, steps + 1) warped by `shift_time`, the first clamped to T_MAX.
 
     4 steps, shift 5: [0.999, 0.9375, 0.8333, 0.625, 0]. FastGen's CausVid / Self-Forcing configs write these rounded
-    as SELF_FORCING_T_LIST, the list the released students were trained with; pass that one for them.
+    as SELF_FORCING_T_LIST; Self-Forcing's own code trained and samples its released students on them unrounded and
+    unclamped, SELF_FORCING_OFFICIAL_T_LIST (t = 1 first): pass that one to sample them as Self-Forcing does.
     """
     t = shift_time(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift)
     return t.clamp(max=T_MAX)
