@@ -1095,8 +1095,8 @@ def main(args):
     disc = None
     if gan:
         torch.manual_seed(rng_seed(args.seed, 3))
-        disc = Discriminator(disc_indices(args, cfg), [cfg.inner_dim // math.prod(cfg.patch_size)] * len(disc_indices(args, cfg)))  # fmt: skip
-        disc = disc.to(device).train()
+        blocks = disc_indices(args, cfg)
+        disc = Discriminator(blocks, [cfg.inner_dim // math.prod(cfg.patch_size)] * len(blocks)).to(device).train()
         if args.fsdp:
             from torch.distributed.fsdp import fully_shard
 
