@@ -4,10 +4,11 @@ initialisation, CausVid and Self-Forcing.
     python train_wan_causal.py --method self_forcing --tiny --max_steps 10             # any method, seconds on a CPU
     python train_wan_causal.py --method kd --tiny --num_pairs 8 --max_steps 10
     python download.py wan2.1-t2v-1.3b && python download.py self-forcing-ode-init
-    torchrun --nproc_per_node=8 train_wan_causal.py --preset self-forcing-wan1.3b --prompts prompts.txt   # one node
-    torchrun --nproc_per_node=8 train_wan_causal.py --preset causvid-wan1.3b --prompts prompts.txt --data latents/
+    torchrun --nproc_per_node=8 train_wan_causal.py --preset self-forcing-wan1.3b --data latents/   # one node
+    torchrun --nproc_per_node=8 train_wan_causal.py --preset causvid-wan1.3b --data latents/
+    torchrun --nproc_per_node=8 train_wan_causal.py --preset self-forcing-wan1.3b --gan_weight 0 --prompts prompts.txt
     torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
-        train_wan_causal.py --preset self-forcing-wan1.3b --prompts prompts.txt                 # several nodes
+        train_wan_causal.py --preset self-forcing-wan1.3b --data latents/                       # several nodes
 
 Methods (the loss of each is written out below, with its paper's equations):
   sft           diffusion forcing: one full-clip block-causal pass, each chunk noised to its own t, flow target
@@ -20,29 +21,35 @@ Methods (the loss of each is written out below, with its paper's equations):
   self_forcing  DMD on the student's own autoregressive rollout with the KV cache: gradient only at one random exit
                 step per chunk, the cache written detached after each chunk, optional context noise (Huang et al. 2025,
                 Sec. 3.2-3.3); critic steps between
+  GAN term      causvid and self_forcing with --gan_weight > 0 (DMD2 Sec. 4.3; FastGen's Wan configs: 1e-3 / 3e-3):
+                heads on the frozen teacher's block features (--disc_blocks) tell noised real latents (--data) from
+                noised student clips; they learn in the critic steps with the fake score, and the generator step adds
+                gan_weight times the non-saturating loss softplus(-D), whose gradient flows through the teacher
 
 Teacher: the bidirectional Wan (models/wan.py, no chunk_size); student: the same network run block-causally
 (chunk_size) and through forward_chunk with a KVCache, initialised from the teacher or --student_init (e.g.
 self-forcing-ode-init). Text: UMT5 embeddings through encoders.py, computed once per prompt and cached on disk.
 
 Data formats:
-  --prompts FILE   one prompt per line (self_forcing and kd need nothing else)
-  --data DIR       latent videos for sft and causvid: *.safetensors files, each with a tensor "latents" (N, 16, F, H, W),
-                   the normalised Wan VAE latents (models/wan_vae.py encode(): (z - latents_mean) / latents_std), and
-                   metadata "prompts", a JSON list of the N prompts. kd's --pairs directory is in the same format (the
-                   teacher's outputs as "latents", plus "path" (N, K, 16, F, H, W), the trajectory at the t list), so
-                   it also serves as --data.
+  --prompts FILE   one prompt per line (self_forcing without GAN heads and kd need nothing else)
+  --data DIR       latent videos for sft and causvid, and the real clips of the GAN heads (the prompts then come from
+                   the data): *.safetensors files, each with a tensor "latents" (N, 16, F, H, W), the normalised Wan
+                   VAE latents (models/wan_vae.py encode(): (z - latents_mean) / latents_std), and metadata "prompts",
+                   a JSON list of the N prompts. kd's --pairs directory is in the same format (the teacher's outputs as
+                   "latents", plus "path" (N, K, 16, F, H, W), the trajectory at the t list), so it also serves as
+                   --data.
 
-Not here: the GAN heads of FastGen's Wan CausVid / Self-Forcing configs (weight 1e-3 / 3e-3 on teacher features; see
-train_edm.py for the head and loss), rolling KV caches for clips longer than the cache, I2V / VACE conditioning.
+Not here: FastGen's larger video GAN head (multiscale_down_mlp_large; the heads here are its simple dit_simple_conv3d
+on the same blocks, as train_video.py's), approximate R1 (off in FastGen's causal configs), rolling KV caches for clips
+longer than the cache, I2V / VACE conditioning.
 
 Outputs in --out_dir (default out/train_wan_causal/<preset, or method>[-tiny]): metrics.jsonl (one flushed line per
 step), samples/step_NNNNNNN.png (decoded frames, one row per prompt), checkpoints ckpt_NNNNNNN/ (student.safetensors,
-fake_score.safetensors, ema_*.safetensors, state.pt with optimizer state, args.json), written only when every weight
-is finite. A directory holds one run: --resume continues it from its newest checkpoint exactly (same method, teacher,
-tiny and chunk size), --overwrite replaces it (kd's pairs and the text cache are kept). A step whose loss or gradient
-is not finite on any process is skipped by all; --max_skipped_steps in a row stop the run. --print_config shows the
-resolved flags and exits.
+fake_score.safetensors, discriminator.safetensors (the GAN heads), ema_*.safetensors, state.pt with optimizer state,
+args.json), written only when every weight is finite. A directory holds one run: --resume continues it from its newest
+checkpoint exactly (same method, teacher, tiny, chunk size and GAN blocks), --overwrite replaces it (kd's pairs and the
+text cache are kept). A step whose loss or gradient is not finite on any process is skipped by all; --max_skipped_steps
+in a row stop the run. --print_config shows the resolved flags and exits.
 """
 
 import argparse
@@ -60,6 +67,7 @@ import torch.distributed as dist
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -96,6 +104,8 @@ _WAN13 = dict(
     guidance=5.0,
 )
 _WAN14 = _WAN13 | dict(teacher="wan2.1-t2v-14b")  # the same UMT5 text encoder as the 1.3B
+# GAN heads on teacher blocks 15, 22, 29 of 30 (the 14B's 21, 30, 39 of 40), real and fake noised at the same t and
+# noise; the weight is the method's (causvid 1e-3, self_forcing 3e-3)
 _SFT = dict(
     method="sft",
     lr=5e-5,
@@ -107,6 +117,8 @@ _DMD = dict(
     t_sampler="shifted",
     student_update_freq=5,
     context_noise=0.0,
+    gan_same_t_noise=True,
+    disc_blocks="15,22,29",
 )
 _SELF_FORCING = dict(
     _DMD,
@@ -115,6 +127,7 @@ _SELF_FORCING = dict(
     critic_lr=5e-6,
     micro_batch=1,
     max_steps=5000,
+    gan_weight=3e-3,
 )
 PRESETS = {
     "sft-causal-wan1.3b": _WAN13 | _SFT,
@@ -138,12 +151,13 @@ PRESETS = {
         critic_lr=5e-5,
         micro_batch=2,
         max_steps=1_000_000,
+        gan_weight=1e-3,
     ),
     "self-forcing-wan1.3b": dict(
         _WAN13 | _SELF_FORCING,
         student_init="self-forcing-ode-init",
     ),
-    "self-forcing-wan14b": _WAN14 | _SELF_FORCING,
+    "self-forcing-wan14b": _WAN14 | _SELF_FORCING | dict(disc_blocks="21,30,39"),
 }
 
 # fmt: off
@@ -158,7 +172,7 @@ parser.add_argument("--text_encoder", default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 parser.add_argument("--vae", default="wan2.1", help="wan_vae.CONFIGS name or path, for the sample grids")
 parser.add_argument("--prompts", default="", help="text file, one prompt per line (the tiny run has built-in prompts)")
 parser.add_argument("--neg_prompt", default=WAN_NEGATIVE_PROMPT, help="negative prompt of the teacher's CFG (and of --cond_dropout)")
-parser.add_argument("--data", default="", help="sft/causvid: directory of latent videos (format in the docstring)")
+parser.add_argument("--data", default="", help="sft/causvid, and the GAN heads' real clips: directory of latent videos (format in the docstring)")
 parser.add_argument("--pairs", default="", help="kd: directory of teacher ODE pairs, written here if incomplete (default OUT_DIR/pairs)")
 parser.add_argument("--num_pairs", type=int, default=64, help="kd: teacher trajectories to write (pair k: prompt k mod #prompts, noise from seed + k)")
 parser.add_argument("--teacher_steps", type=int, default=50, help="kd: Euler steps of the teacher trajectories (the t list's times are added to the grid)")
@@ -173,7 +187,7 @@ parser.add_argument("--batch_size", type=int, default=0, help="global batch (all
 parser.add_argument("--micro_batch", type=int, default=1, help="clips per process per forward")
 parser.add_argument("--max_steps", type=int, default=1000)
 parser.add_argument("--lr", type=float, default=5e-6)
-parser.add_argument("--critic_lr", type=float, default=0.0, help="causvid/self_forcing: lr of the fake score (0 = --lr)")
+parser.add_argument("--critic_lr", type=float, default=0.0, help="causvid/self_forcing: lr of the fake score and the GAN heads (0 = --lr)")
 parser.add_argument("--beta1", type=float, default=0.9)
 parser.add_argument("--beta2", type=float, default=0.999)
 parser.add_argument("--adam_eps", type=float, default=1e-8)
@@ -196,6 +210,9 @@ parser.add_argument("--context_noise", type=float, default=0.0, help="self_forci
 parser.add_argument("--exit_per_chunk", action="store_true", help="self_forcing: draw an exit step per chunk (default: one shared by all chunks)")
 parser.add_argument("--last_step_only", action="store_true", help="self_forcing: always exit at the last step (no stochastic truncation)")
 parser.add_argument("--start_gradient_frame", type=int, default=0, help="self_forcing: chunks starting before this frame get no gradient")
+parser.add_argument("--gan_weight", type=float, default=0.0, help="causvid/self_forcing: weight of the generator's GAN loss (0 = no GAN heads; > 0 needs --data for the real clips)")
+parser.add_argument("--disc_blocks", default="", help="causvid/self_forcing: teacher blocks whose features the GAN heads read (default: the middle one)")
+parser.add_argument("--gan_same_t_noise", action=argparse.BooleanOptionalAction, default=False, help="causvid/self_forcing: noise the real clips with the fake clips' t and noise")
 # sampling, checkpoints, logging
 parser.add_argument("--sample_every", type=int, default=500, help="sample grid every N steps (0 = never)")
 parser.add_argument("--sample_n", type=int, default=4, help="prompts in the sample grid")
@@ -217,12 +234,13 @@ FLAG_RANGES = {
     "positive": ["num_pairs", "teacher_steps", "frames", "height", "width", "chunk_size", "micro_batch", "adam_eps", "grad_clip", "shift", "student_update_freq", "sample_n", "max_skipped_steps"],
     "learning_rate": ["lr"],
     "unit": ["critic_lr", "beta1", "beta2", "t_min", "t_max", "cond_dropout", "context_noise"],
-    "non_negative": ["batch_size", "max_steps", "weight_decay", "warmup_steps", "guidance", "start_gradient_frame", "sample_every", "save_every", "seed", "num_threads"],
+    "non_negative": ["batch_size", "max_steps", "weight_decay", "warmup_steps", "guidance", "start_gradient_frame", "gan_weight", "sample_every", "save_every", "seed", "num_threads"],
     "finite": [],
 }  # fmt: skip
 # What makes two runs the same run: --resume refuses a checkpoint whose args.json differs in these. The networks'
-# architecture is the teacher's (or the tiny one); the chunk size fixes the student's causal attention and KV cache.
-RUN_IDENTITY = ["script", "method", "teacher", "tiny", "chunk_size"]
+# architecture is the teacher's (or the tiny one); the chunk size fixes the student's causal attention and KV cache;
+# --disc_blocks the GAN heads (one per block).
+RUN_IDENTITY = ["script", "method", "teacher", "tiny", "chunk_size", "disc_blocks"]
 
 
 def parse_args(argv=None):
@@ -258,6 +276,14 @@ def parse_args(argv=None):
             rate = math.nan
         if not 0 <= rate < 1:
             fail(f"--ema {args.ema}: {spec} is not an EMA rate", "--ema", "give comma-separated rates in [0, 1), such as 0.99,0.999")  # fmt: skip
+    try:
+        blocks = [int(b) for b in args.disc_blocks.split(",")] if args.disc_blocks else []
+    except ValueError:
+        blocks = [-1]
+    if min(blocks, default=0) < 0:
+        fail(f"--disc_blocks {args.disc_blocks} is not a comma list of teacher block indices", "--disc_blocks", "give indices from 0, e.g. 15,22,29")  # fmt: skip
+    if args.gan_weight > 0 and args.method not in ("causvid", "self_forcing"):
+        fail(f"--method {args.method} has no GAN term", "--gan_weight", "give --gan_weight 0, or --method causvid|self_forcing")  # fmt: skip
     last_chunk = args.frames - wan.chunk_frames(args.frames, args.chunk_size)[-1]
     if args.method == "self_forcing" and args.start_gradient_frame > last_chunk:
         fail(f"--start_gradient_frame {args.start_gradient_frame} leaves no chunk a gradient (the last starts at frame {last_chunk})", "--start_gradient_frame", f"give at most {last_chunk}")  # fmt: skip
@@ -266,6 +292,8 @@ def parse_args(argv=None):
     if args.print_config:
         emas = [dict(name=f"ema_{s}", kind="constant", value=float(s)) for s in args.ema.split(",") if s]
         derived = dict(world_size=world, global_batch=micro * accum * world, micro_batch_per_process=micro, accumulation_steps=accum, emas=emas)  # fmt: skip
+        if args.gan_weight > 0 and wan_config(args) is not None:  # the heads' blocks (the default needs the depth)
+            derived["gan_blocks"] = disc_indices(args, wan_config(args))
         print(json.dumps(vars(args) | {"derived": derived}, indent=1))
         raise SystemExit(0)
     return args
@@ -396,11 +424,12 @@ def load_state(name, args, cfg, seed, flag):
     return state
 
 
-def build_net(cfg, state, args, device, distributed, trainable):
+def build_net(cfg, state, args, device, distributed, trainable, remat=None):
     """A WanModel on `device` holding `state` (a full state dict; only rank 0's is read under FSDP).
 
-    FSDP2: built on the meta device; each block (with activation checkpointing) is a unit, then the root;
-    forward_chunk is registered as the root's second forward; the full weights are broadcast from rank 0."""
+    FSDP2: built on the meta device; each block (with activation checkpointing if `remat`, by default when trainable:
+    the frozen teacher too when the GAN loss backpropagates through it) is a unit, then the root; forward_chunk is
+    registered as the root's second forward; the full weights are broadcast from rank 0."""
     if not args.fsdp:
         with torch.device("meta"):
             net = wan.WanModel(cfg)
@@ -413,7 +442,7 @@ def build_net(cfg, state, args, device, distributed, trainable):
         net = wan.WanModel(cfg)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.precision == "bf16" else None, reduce_dtype=torch.float32)  # fmt: skip
     for block in list(net.blocks) + list(getattr(net, "vace_blocks", [])):
-        if trainable:
+        if trainable if remat is None else remat:
             checkpoint(block)  # recompute the block in backward (non-reentrant; keeps the parameter names)
         fully_shard(block, mp_policy=mp)
     fully_shard(net, mp_policy=mp)
@@ -433,6 +462,35 @@ def full_state_dict(net, distributed):
 
 def full_tensor(x):
     return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def disc_indices(args, cfg):
+    """The teacher blocks the GAN heads read, ascending (the order the network returns their features in); by
+    default the middle block, as FastGen's Discriminator_VideoDiT."""
+    return sorted({int(b) for b in args.disc_blocks.split(",")}) if args.disc_blocks else [cfg.num_layers // 2]
+
+
+# The GAN heads: a deliberate copy of train_video.py's (tests/test_hygiene.py keeps them identical).
+class Discriminator(nn.Module):
+    """GAN heads on frozen teacher block features (DMD2 Sec. 4.3), one per feature map (B, C, T, H, W): FastGen's
+    simple video head (`dit_simple_conv3d`, methods.md §3): Conv3d k(2,4,4) s2 to C/2 channels, GroupNorm, LeakyReLU
+    0.2, a 1x1x1 conv to one channel and the mean over positions. Output: logits (B, heads).
+
+    NOTE: FastGen's Wan experiments use the larger `multiscale_down_mlp_large` head (~50M parameters) on the same
+    blocks; this one keeps the same inputs and loss with a far smaller head."""
+
+    def __init__(self, indices, channels):
+        super().__init__()
+        self.indices = tuple(indices)  # which teacher blocks the heads read, in order
+        self.heads = nn.ModuleList()
+        for c in channels:
+            hidden = max(c // 2, 4)
+            groups = max(g for g in range(1, 33) if hidden % g == 0)
+            self.heads.append(nn.Sequential(nn.Conv3d(c, hidden, (2, 4, 4), 2, 1), nn.GroupNorm(groups, hidden),
+                                            nn.LeakyReLU(0.2), nn.Conv3d(hidden, 1, 1)))  # fmt: skip
+
+    def forward(self, features):
+        return torch.cat([head(f.float()).flatten(1).mean(1, keepdim=True) for head, f in zip(self.heads, features)], 1)
 
 
 # ----------------------------------------------------------------------------
@@ -537,26 +595,75 @@ def vsd_loss(g, x_teacher, x_fake):
     return 0.5 * (g.float() - target).square().mean()
 
 
-def dmd_generator_loss(g, teacher, fake, text, neg, args):
+def gan_generator_loss(logits_fake):
+    """The generator's non-saturating GAN loss (Goodfellow et al. 2014 Sec. 3; DMD2 Sec. 4.3; FastGen's
+    gan_loss_generator, methods.md §4): -E log sigmoid(D(x_fake)) = E softplus(-D(x_fake)), the mean over clips and
+    heads of the logits (B, heads)."""
+    return nn.functional.softplus(-logits_fake.float()).mean()
+
+
+def gan_discriminator_loss(logits_fake, logits_real):
+    """The heads' logistic loss (DMD2 Sec. 4.3; FastGen's gan_loss_discriminator, methods.md §4):
+    -E log(1 - sigmoid(D(x_fake))) - E log sigmoid(D(x_real)) = E softplus(D(x_fake)) + E softplus(-D(x_real))."""
+    return nn.functional.softplus(logits_fake.float()).mean() + nn.functional.softplus(-logits_real.float()).mean()
+
+
+def dmd_generator_loss(g, teacher, fake, text, neg, args, disc=None):
     """DMD's generator step (DMD2 Eq. 2): noise the student's clip g to one t for the whole clip, and pull g along
     the difference of the fake score's and the CFG'd bidirectional teacher's x0 predictions. CFG in flow space,
-    u + w (c - u), equals x0_c + (w - 1)(x0_c - x0_u) in x0 space at the same (x_t, t)."""
+    u + w (c - u), equals x0_c + (w - 1)(x0_c - x0_u) in x0 space at the same (x_t, t).
+
+    With GAN heads `disc` (DMD2 Sec. 4.3, FastGen's DMD2Model._student_update_step): the teacher's conditional pass
+    also returns the features of disc.indices and keeps its graph, so the loss gains gan_weight E softplus(-D(feats))
+    whose gradient flows through the frozen teacher and x_t = (1 - t) g + t eps into g; the teacher's x0 itself is
+    detached and the unconditional pass of CFG has no graph."""
     t = sample_t(len(g), args, g.device)
-    x_t = wan.add_noise(g.detach(), torch.randn_like(g), t)
+    x_t = wan.add_noise(g if disc is not None else g.detach(), torch.randn_like(g), t)
     with torch.no_grad():
         x_fake = wan.to_x0(x_t, fake(x_t, t, text), t)
-        x_teacher = wan.to_x0(x_t, wan.guided_flow(teacher, x_t, t, text, neg, args.guidance), t)
+    logs = {}
+    if disc is None:
+        with torch.no_grad():
+            x_teacher = wan.to_x0(x_t, wan.guided_flow(teacher, x_t, t, text, neg, args.guidance), t)
+    else:
+        flow, features = teacher(x_t, t, text, feature_indices=disc.indices)
+        loss_gan = gan_generator_loss(disc(features))
+        logs["gan_loss_gen"] = loss_gan.item()
+        with torch.no_grad():
+            x_teacher = wan.to_x0(x_t.detach(), flow.detach(), t)
+            if args.guidance != 1.0:
+                x_uncond = wan.to_x0(x_t.detach(), teacher(x_t.detach(), t, neg), t)
+                x_teacher = x_teacher + (args.guidance - 1) * (x_teacher - x_uncond)
     loss = vsd_loss(g, x_teacher, x_fake)
-    return loss, {"vsd_loss": loss.item()}
+    logs["vsd_loss"] = loss.item()
+    return (loss + args.gan_weight * loss_gan if disc is not None else loss), logs
 
 
-def fake_score_loss(fake, g, text, args):
+def critic_loss(fake, g, text, args, teacher=None, disc=None, x0_real=None):
     """The critic step: the fake score learns the student's distribution by denoising score matching on student
-    clips, in x0 space (FastGen's fake_score_pred_type x0): E ||x0_fake(x_t, t) - g||^2."""
+    clips, in x0 space (FastGen's fake_score_pred_type x0): E ||x0_fake(x_t, t) - g||^2.
+
+    With GAN heads `disc` (FastGen's DMD2Model._fake_score_discriminator_update_step): the no-grad teacher features
+    of the same noised clip x_t (fake) and of the real latents noised as x_real = (1 - t') x0_real + t' eps' (real),
+    with (t', eps') = (t, eps) under --gan_same_t_noise, else fresh draws; the heads' loss
+    E softplus(D(fake)) + E softplus(-D(real)) is added (FastGen's causal configs: R1 off)."""
     t = sample_t(len(g), args, g.device)
-    x_t = wan.add_noise(g, torch.randn_like(g), t)
+    eps = torch.randn_like(g)
+    x_t = wan.add_noise(g, eps, t)
     loss = (wan.to_x0(x_t, fake(x_t, t, text), t).float() - g.float()).square().mean()
-    return loss, {"fake_score_loss": loss.item()}
+    logs = {"fake_score_loss": loss.item()}
+    if disc is None:
+        return loss, logs
+    same = args.gan_same_t_noise
+    t_real, eps_real = (t, eps) if same else (sample_t(len(x0_real), args, g.device), torch.randn_like(x0_real))
+    x_real = wan.add_noise(x0_real, eps_real.to(x0_real.dtype), t_real).to(x_t.dtype)
+    with torch.no_grad():
+        both = torch.cat([x_t, x_real]), torch.cat([t, t_real]), torch.cat([text, text])
+        features = teacher(*both, feature_indices=disc.indices, features_only=True)
+    logits_fake, logits_real = disc(features).chunk(2)
+    loss_disc = gan_discriminator_loss(logits_fake, logits_real)
+    logs["gan_loss_disc"] = loss_disc.item()
+    return loss + loss_disc, logs
 
 
 # ----------------------------------------------------------------------------
@@ -888,7 +995,10 @@ def check_sources(args):
 
 
 def check_shapes(cfg, data, args):
-    """The clip shape against the network: latent channels of --data, height and width in whole patches."""
+    """The clip shape against the network: latent channels of --data, height and width in whole patches; the GAN
+    heads' blocks within the teacher's depth."""
+    if args.method in ("causvid", "self_forcing") and args.gan_weight > 0 and max(disc_indices(args, cfg)) >= cfg.num_layers:  # fmt: skip
+        fail(f"--disc_blocks {args.disc_blocks}: the teacher has {cfg.num_layers} blocks", "--disc_blocks", f"give block indices below {cfg.num_layers}")  # fmt: skip
     _, ph, pw = cfg.patch_size
     if args.height % ph or args.width % pw:
         fail(f"latents of {args.height} x {args.width} are not whole {ph} x {pw} patches", "--height/--width", f"give multiples of {ph} and {pw}")  # fmt: skip
@@ -915,8 +1025,12 @@ def main(args):
 
     # The user's small input files (prompts, the headers of the latent videos, kd's pairs directory) are checked
     # before the run directory is claimed: bad input leaves nothing on disk. Then the run directory, then the loading.
-    data = None
-    if args.method in ("sft", "causvid") and (args.data or not args.tiny):
+    # Real latent videos: sft's and causvid's data, and the real clips of the GAN heads (self_forcing's only use of
+    # data; the tiny run makes toy clips).
+    data, gan = None, distill and args.gan_weight > 0
+    if (args.method in ("sft", "causvid") or gan) and (args.data or not args.tiny):
+        if not args.data and gan and args.method == "self_forcing":
+            fail("the GAN heads compare the student's clips with real latent videos", "--gan_weight", "give --data DIR, or --gan_weight 0 to train from prompts alone")  # fmt: skip
         if not args.data:
             fail(f"--method {args.method} trains on latent videos", "--data", "give a directory of latent videos (format in --help)")  # fmt: skip
         data = LatentVideos(args.data, clip=(args.frames, args.height, args.width))
@@ -965,7 +1079,9 @@ def main(args):
     teacher_state = load_state(args.teacher if not args.tiny or args.teacher.endswith(".safetensors") else "", args, cfg, args.seed, "--teacher") if master or not args.fsdp else {}  # fmt: skip
     # sft has no teacher: diffusion forcing learns from the data alone (the teacher's weights only start the student).
     teacher = (
-        build_net(cfg, teacher_state, args, device, distributed, trainable=False) if args.method != "sft" else None
+        build_net(cfg, teacher_state, args, device, distributed, trainable=False, remat=gan)
+        if args.method != "sft"
+        else None
     )
     if args.student_init:
         student_state = load_state(args.student_init, args, cfg, args.seed, "--student_init") if master or not args.fsdp else {}  # fmt: skip
@@ -974,6 +1090,17 @@ def main(args):
     student = build_net(cfg, student_state, args, device, distributed, trainable=True)
     fake = build_net(cfg, teacher_state, args, device, distributed, trainable=True) if distill else None
     del teacher_state, student_state
+    # The GAN heads: one per teacher block of --disc_blocks, on its tokens as (B, inner_dim / patch, F, H, W) maps;
+    # randomly initialised from the seed, the same on every process.
+    disc = None
+    if gan:
+        torch.manual_seed(rng_seed(args.seed, 3))
+        blocks = disc_indices(args, cfg)
+        disc = Discriminator(blocks, [cfg.inner_dim // math.prod(cfg.patch_size)] * len(blocks)).to(device).train()
+        if args.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(disc)
     emas = {spec: {k: p.detach().clone() for k, p in student.named_parameters()} for spec in args.ema.split(",") if spec}  # fmt: skip
     if master:
         print(f"student: {sum(p.numel() for p in student.parameters()):,} parameters, method {args.method}")
@@ -981,6 +1108,7 @@ def main(args):
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)  # fmt: skip
     critic_lr = args.critic_lr or args.lr
     critic_optimizer = torch.optim.AdamW(fake.parameters(), lr=critic_lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay) if distill else None  # fmt: skip
+    disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=critic_lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay) if gan else None  # fmt: skip
     amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
     # batch_size 0: one micro-batch per process (parse_args checked the split over WORLD_SIZE; this is the same)
     micro, accum = split_batch(args.batch_size or args.micro_batch * world, args.micro_batch, world)
@@ -1001,11 +1129,11 @@ def main(args):
     def batch(step, shard):
         """(x0 or None, extra tensors, text embeddings) of micro-batch `shard` of `step`."""
         g = torch.Generator().manual_seed(rng_seed(args.seed, step, shard, 0))
-        if data is None and args.method != "self_forcing":  # the tiny run's toy clips
+        if data is None and (args.method != "self_forcing" or gan):  # the tiny run's toy clips
             index = torch.randint(len(prompts), (micro,), generator=g).tolist()
             x0 = torch.cat([toy_latents(i, args, g) for i in index])
             return x0, {}, embed([prompts[i] for i in index])
-        if data is None:  # self_forcing: prompts only
+        if data is None:  # self_forcing without GAN heads: prompts only
             index = torch.randint(len(prompts), (micro,), generator=g).tolist()
             return None, {}, embed([prompts[i] for i in index])
         index = torch.randint(len(data), (micro,), generator=g).tolist()
@@ -1016,6 +1144,7 @@ def main(args):
     # What a checkpoint holds, and --resume.
     start = 0
     trained = {"student": (student, optimizer)} | ({"fake_score": (fake, critic_optimizer)} if distill else {})
+    trained |= {"discriminator": (disc, disc_optimizer)} if gan else {}
     if ckpt:
         options = StateDictOptions(full_state_dict=distributed, broadcast_from_rank0=distributed)
         try:
@@ -1050,9 +1179,13 @@ def main(args):
         # causvid/self_forcing alternate: a generator step every student_update_freq steps (counting from 1), fake
         # score steps in between (DMD2 Sec. 4.2). sft and kd update the student at every step.
         generator_step = not distill or (step + 1) % args.student_update_freq == 0
-        net, opt = (student, optimizer) if generator_step else (fake, critic_optimizer)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, args.lr if generator_step else critic_lr, args)
+        # the networks this step updates: the student, or the critic (fake score and GAN heads, one backward)
+        active = [(student, optimizer)] if generator_step else [(fake, critic_optimizer)] + ([(disc, disc_optimizer)] if gan else [])  # fmt: skip
+        if gan:  # frozen in generator steps: the GAN loss's gradient passes through the heads to the student only
+            disc.requires_grad_(not generator_step)
+        for _, opt in active:
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, args.lr if generator_step else critic_lr, args)
         tic = time.time()
         total, logs = torch.zeros((), device=device), {}
         for m in range(accum):
@@ -1063,7 +1196,8 @@ def main(args):
             neg_b = neg.expand_as(text)
             torch.manual_seed(rng_seed(args.seed, step, shard, 2))  # noise and times: exact on resume
             if args.fsdp and distributed:
-                net.set_requires_gradient_sync(m == accum - 1)  # reduce-scatter on the last round only
+                for net, _ in active:
+                    net.set_requires_gradient_sync(m == accum - 1)  # reduce-scatter on the last round only
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if args.method == "sft":
                     drop = torch.rand(len(text), device=device) < args.cond_dropout
@@ -1081,25 +1215,31 @@ def main(args):
                             g = rollout(student, torch.randn(shape, device=device), text, args.t_list_values, args.chunk_size, exits, args.context_noise, grad=generator_step, start_gradient_frame=args.start_gradient_frame)  # fmt: skip
                             logs = {"exit_step": exits[0]}
                     if generator_step:
-                        loss, more = dmd_generator_loss(g, teacher, fake, text, neg_b, args)
+                        loss, more = dmd_generator_loss(g, teacher, fake, text, neg_b, args, disc=disc)
                     else:
-                        loss, more = fake_score_loss(fake, g.detach(), text, args)
+                        loss, more = critic_loss(fake, g.detach(), text, args, teacher=teacher, disc=disc, x0_real=x0)  # fmt: skip
                     logs = logs | more
             (loss / accum).backward()
             total += loss.detach().float() / accum
-        params = [p for p in net.parameters() if p.grad is not None]
-        if distributed and not args.fsdp:  # plain data parallel: average the gradients (forward_chunk bypasses DDP)
-            for p in params:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        # The student's gradient is clipped; the fake score's is not (FastGen clips the student only). The norm is the
-        # true one: a NaN or infinity anywhere in the gradient makes it non-finite.
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, args.grad_clip if generator_step else math.inf))
+        norms = []
+        for net, _ in active:
+            params = [p for p in net.parameters() if p.grad is not None]
+            if distributed and not args.fsdp:  # plain data parallel: average the gradients (forward_chunk bypasses DDP)
+                for p in params:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+            # The student's gradient is clipped; the critic's is not (FastGen clips the student only). The norm is the
+            # true one: a NaN or infinity anywhere in the gradient makes it non-finite.
+            norms.append(full_tensor(torch.nn.utils.clip_grad_norm_(params, args.grad_clip if generator_step else math.inf)))  # fmt: skip
+        grad_norm = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()  # over all active
+        if not generator_step and gan:
+            logs["grad_norm_discriminator"] = norms[1].item()
         # A non-finite loss or gradient on any process: every process skips this update and the EMA's.
-        loss_finite, grad_finite = all_finite(total), all_finite(grad_norm)
+        loss_finite, grad_finite = all_finite(total), all_finite(*norms)
         step_taken = loss_finite and grad_finite
         kind = "generator" if generator_step else "critic"  # counted apart: a critic that stays NaN must stop too
         if step_taken:
-            opt.step()
+            for _, opt in active:
+                opt.step()
             bad_steps[kind] = 0
         else:
             skipped, bad_steps[kind] = skipped + 1, bad_steps[kind] + 1
@@ -1110,7 +1250,8 @@ def main(args):
                 bar.close()
                 last = checkpoints(args.out_dir)
                 fail(f"{bad_steps[kind]} consecutive {steps} had a non-finite loss or gradient (up to step {step + 1})", "--max_skipped_steps", f"the run diverged: lower --lr and --resume from {last[-1] if last else 'a new run'}", code=1)  # fmt: skip
-        opt.zero_grad(set_to_none=True)
+        for _, opt in active:
+            opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # every step taken, critic steps included, as FastGen's EMA callback does
             for spec, ema in emas.items() if step_taken else []:
                 for k, p in student.named_parameters():
@@ -1123,7 +1264,7 @@ def main(args):
         if master:
             sec = time.time() - tic
             bar.set_postfix(loss=f"{total:.4f}", s_step=f"{sec:.2f}")
-            record = {"step": step_done, "loss": total, "generator_step": generator_step, "grad_norm": grad_norm.item(), "skipped": skipped, "lr": opt.param_groups[0]["lr"], "clips_per_s": batch_size / sec, **logs}  # fmt: skip
+            record = {"step": step_done, "loss": total, "generator_step": generator_step, "grad_norm": grad_norm.item(), "skipped": skipped, "lr": active[0][1].param_groups[0]["lr"], "clips_per_s": batch_size / sec, **logs}  # fmt: skip
             log.write(json.dumps(record) + "\n")
             if wandb:
                 wandb.log(record, step=step_done)
@@ -1140,6 +1281,8 @@ def main(args):
             if master:  # the full tensors, gathered above on every process, are written by rank 0
                 config = json.dumps(cfg.__dict__, default=list)
                 metadata = {name: {"step": str(step_done), "config": config} for name in weights}
+                if gan:  # the GAN heads are ours, not a WanModel: their blocks instead
+                    metadata["discriminator"] = {"step": str(step_done), "blocks": json.dumps(list(disc.indices))}
                 args_json = json.dumps(vars(args) | {"script": os.path.basename(__file__), "step": step_done}, indent=1)  # fmt: skip
                 save_checkpoint(args.out_dir, step_done, weights, metadata, state, args_json)
             if distributed:

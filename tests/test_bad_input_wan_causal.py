@@ -98,6 +98,11 @@ def test_every_numeric_flag_has_a_range():
         (["--ema", "0.9,fast"], "--ema"),
         (["--method", "self_forcing", "--start_gradient_frame", "6"], "--start_gradient_frame"),
         (["--save_every", "-1"], "--save_every"),
+        (["--method", "causvid", "--gan_weight", "-0.1"], "--gan_weight"),
+        (["--method", "sft", "--gan_weight", "0.1"], "--gan_weight"),
+        (["--method", "causvid", "--gan_weight", "0.1", "--disc_blocks", "1,x"], "--disc_blocks"),
+        (["--method", "causvid", "--gan_weight", "0.1", "--disc_blocks", "-1"], "--disc_blocks"),
+        (["--method", "causvid", "--gan_weight", "0.1", "--disc_blocks", "1,2"], "--disc_blocks"),  # 2 blocks
     ],
 )
 def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, capsys, flags, flag):
@@ -124,7 +129,7 @@ def test_print_config_resolves_a_preset_without_loading(monkeypatch, capsys):
     code, _ = run(["--preset", "self-forcing-wan1.3b", "--batch_size", "16", "--ema", "0.99", "--print_config"])
     config = json.loads(capsys.readouterr().out)
     assert code == 0 and config["method"] == "self_forcing" and config["student_init"] == "self-forcing-ode-init"
-    assert config["derived"] == dict(world_size=8, global_batch=16, micro_batch_per_process=1, accumulation_steps=2, emas=[dict(name="ema_0.99", kind="constant", value=0.99)])  # fmt: skip
+    assert config["derived"] == dict(world_size=8, global_batch=16, micro_batch_per_process=1, accumulation_steps=2, emas=[dict(name="ema_0.99", kind="constant", value=0.99)], gan_blocks=[15, 22, 29])  # fmt: skip
     assert config["out_dir"] == os.path.join("out", "train_wan_causal", "self-forcing-wan1.3b")
     assert not os.path.exists(os.path.join(ROOT, config["out_dir"]))
 
@@ -403,6 +408,13 @@ def test_bad_data_is_named(tmp_path, capsys, kind, words):
 def test_sft_without_data_is_refused_at_full_size(tmp_path, capsys):
     code, err = run(["--method", "sft", "--out_dir", str(tmp_path / "run")], capsys)
     assert_clean_error(code, err, "--data", "latent videos")
+    assert not (tmp_path / "run").exists()
+
+
+def test_self_forcing_gan_without_data_is_refused_at_full_size(tmp_path, capsys):
+    """The preset's GAN heads need real clips: without --data, one line that offers --gan_weight 0."""
+    code, err = run(["--preset", "self-forcing-wan1.3b", "--prompts", "p.txt", "--out_dir", str(tmp_path / "run")], capsys)  # fmt: skip
+    assert_clean_error(code, err, "--gan_weight", "--data DIR", "--gan_weight 0")
     assert not (tmp_path / "run").exists()
 
 

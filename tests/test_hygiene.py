@@ -96,6 +96,8 @@ RUN_SAFETY = [
 SCRIPT_COPIES = [("train_edm", script, RUN_SAFETY) for script in ("train_flux", "train_wan_causal", "train_video")]
 # The sample-grid helpers: each script keeps its own copy of sample.py's so that it imports no other family's models.
 SCRIPT_COPIES += [("sample", script, ["image_grid", "to_uint8"]) for script in ("train_edm", "train_flux", "train_wan_causal", "train_video")]  # fmt: skip
+# The video GAN heads: train_wan_causal's causvid / self_forcing use train_video's.
+SCRIPT_COPIES += [("train_video", "train_wan_causal", ["Discriminator"])]
 
 
 @pytest.mark.parametrize("original, copy, name", [(o, c, n) for o, c, names in SCRIPT_COPIES for n in names])

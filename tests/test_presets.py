@@ -214,9 +214,9 @@ def ours_causal(args):
         "guidance": args.guidance,
         "cond_dropout": args.cond_dropout or None,
     }
-    if args.method in ("causvid", "self_forcing"):  # no GAN heads: weight 0, no feature taps
-        out |= {"gan_weight": 0.0, "disc_features": [], "gan_same_t_noise": False, "fake_score_pred_type": "x0",
-                "student_update_freq": args.student_update_freq, "critic_lr": args.critic_lr or args.lr}  # fmt: skip
+    if args.method in ("causvid", "self_forcing"):
+        disc = [int(i) for i in args.disc_blocks.split(",")] if args.disc_blocks else None
+        out |= distill(args, args.critic_lr or args.lr, disc)
     return out
 
 
@@ -232,7 +232,6 @@ def theirs(key):
 
 EDM_T_LIST = "1-step student at t_list(1) = [79.56, 0] (FastGen's default Karras grid, methods.md Q8), not [80, 0]"
 SIT_SAMPLING_CFG = "FastGen's CFG here is sampling-time only (grids); the training loss is unguided in both"
-NO_CAUSAL_GAN = "train_wan_causal has no GAN heads yet (issue 13 item 9, open)"
 CAUSAL_STEPS = "FastGen's grids sample with 50 steps; the causal student here always samples on its 4-step t_list"
 
 # fmt: off
@@ -306,15 +305,9 @@ ROWS = [
     # A causal student on teacher ODE pairs: FastGen's CausalKD is broken (methods.md Q9) and its README points to
     # config_kd_path, whose student is bidirectional; the recipe's values are that config's.
     (train_wan_causal, "kd-causal-wan1.3b", "WanT2V/config_kd_path", {}),
-    (train_wan_causal, "causvid-wan1.3b", "WanT2V/config_causvid", {
-        "gan_weight": NO_CAUSAL_GAN, "disc_features": NO_CAUSAL_GAN, "gan_same_t_noise": NO_CAUSAL_GAN,
-    }),
-    (train_wan_causal, "self-forcing-wan1.3b", "WanT2V/config_sf", {
-        "gan_weight": NO_CAUSAL_GAN, "disc_features": NO_CAUSAL_GAN, "gan_same_t_noise": NO_CAUSAL_GAN,
-    }),
-    (train_wan_causal, "self-forcing-wan14b", "WanT2V/config_sf_14b", {
-        "gan_weight": NO_CAUSAL_GAN, "disc_features": NO_CAUSAL_GAN, "gan_same_t_noise": NO_CAUSAL_GAN,
-    }),
+    (train_wan_causal, "causvid-wan1.3b", "WanT2V/config_causvid", {}),
+    (train_wan_causal, "self-forcing-wan1.3b", "WanT2V/config_sf", {}),
+    (train_wan_causal, "self-forcing-wan14b", "WanT2V/config_sf_14b", {}),
 ]
 # fmt: on
 OURS = {train_edm: ours_edm, train_flux: ours_flux, train_video: ours_video, train_wan_causal: ours_causal}

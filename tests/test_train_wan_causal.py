@@ -117,7 +117,7 @@ def test_fake_score_loss_is_x0_denoising_on_student_clips():
     fake = tiny_wan(1)
     g, text = inputs(seed=4)
     torch.manual_seed(2)
-    loss, _ = twc.fake_score_loss(fake, g, text, args)
+    loss, _ = twc.critic_loss(fake, g, text, args)
     torch.manual_seed(2)
     t = wan.sample_t(2, "shifted", 5.0, t_min=0.001, t_max=0.999)
     tb = t.reshape(-1, 1, 1, 1, 1)
