@@ -500,17 +500,22 @@ PRESETS = {
         batch_size=1024,
         max_steps=300_000,
     ),
+    # MeanFlow from scratch in rectified-flow time on the raw DDPM++ (EDM/config_mf_cifar10.py): t, r logit-normal in
+    # rf time on [0, 0.999] (r_p_mean -4, r_p_std 1.6, 25% r = t: the defaults), FastGen's rf loss (native_weighting).
     "meanflow-cifar10": dict(
         _CONST_EMAS,
         method="meanflow",
+        model="edm_rf",
         teacher="",
         arch="edm-cifar10-32x32-uncond-vp",
         data="cifar10",
         optimizer="adam",
         lr=6e-4,
         warmup_steps=9765,
+        t_sampler="logitnormal",
         p_mean=-0.6,
         p_std=1.6,
+        native_weighting=True,
         batch_size=1024,
         max_steps=1_000_000,
         dropout=0.2,
