@@ -32,6 +32,7 @@ runs read a folder of precomputed latents:
                  ((z - shift) * scale), or "mean" and "std" (N, C, h, w) of the VAE posterior (FastGen's 8-channel
                  mean||std form, split in two), from which every batch draws z = mean + std n and normalises it.
 `download.encode_latents` writes this format from an ImageNet-style folder. --vae decodes samples for the grids only.
+--model edm_rf: EDM's raw networks in rectified-flow time, the same way (EDMRF below; FastGen's MeanFlow CIFAR-10).
 
 Outputs in --out_dir: metrics.jsonl, samples/step_NNNNNNN.png, checkpoints ckpt_NNNNNNN/ (student.safetensors,
 ema_*.safetensors, fake_score.safetensors and discriminator.safetensors for dmd2/fdistill, state.pt with optimizer
@@ -175,7 +176,95 @@ class DiTSchedule:
         return dit.load_checkpoint(model, path, adapt)
 
 
-MODELS = {"edm": (edm, edm.EDMPrecond), "edm2": (edm2, edm2.EDM2Precond), "dit": (DiTSchedule("ddpm"), EDMDiT), "sit": (DiTSchedule("rf"), EDMDiT)}  # fmt: skip
+# ----------------------------------------------------------------------------
+# EDM's raw network in rectified-flow time (--model edm_rf): FastGen's MeanFlow on CIFAR-10 (EDM/config_mf_cifar10.py)
+# builds EDMPrecond with drop_precond="both", schedule_type "rf", net_pred_type "flow": the SongUNet sees
+# x_t = (1 - t) x0 + t eps and the times t, r in [0, 1) unscaled (that wrapper applies neither EDM's ln(sigma) / 4 nor
+# the rf schedule's 1000 t), and its output is the average velocity u(x_t, t, r) (r = t: the flow eps - x0). The same
+# network (models/edm.py, Config(precond=False), checkpoint keys unchanged) is presented to the losses as an EDM
+# denoiser by the change of variables of SiT above:
+#   t = sigma / (1 + sigma),   x_t = x / (1 + sigma),   r_t = r / (1 + r),   D(x; sigma, r) = x_t - t u(x_t, t, r_t).
+
+
+class EDMRF(edm.EDMPrecond):
+    """A raw EDM network (SongUNet/ADM without preconditioning) that predicts the rectified-flow (average) velocity,
+    called as an EDM denoiser: forward(x, sigma, labels, r) -> x0, with the EDMPrecond signature."""
+
+    def __init__(self, cfg):
+        if cfg.precond:
+            raise ValueError("edm_rf runs the raw network: build it with Config(precond=False)")
+        super().__init__(cfg)
+
+    def native(self, x, sigma):
+        """(x_t, t): the rectified-flow input and time (B,) of the EDM point x at noise level sigma, t in float64."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0])
+        return (x.double() / (1 + sigma).reshape(-1, 1, 1, 1)).to(x.dtype), native_time(sigma, "rf")
+
+    def r_time(self, r, x):
+        return None if r is None else native_time(torch.as_tensor(r, dtype=torch.float64, device=x.device).expand(x.shape[0]), "rf")  # fmt: skip
+
+    def forward(self, x, t, class_labels=None, r=None, augment_labels=None, feature_indices=(), return_logvar=False):
+        x_t, t_rf = self.native(x, t)
+        out = super().forward(x_t, t_rf, class_labels, self.r_time(r, x), augment_labels, feature_indices, return_logvar)  # fmt: skip
+        u, *extras = out if isinstance(out, tuple) else (out,)
+        x0 = (x_t.double() - t_rf.reshape(-1, 1, 1, 1) * u.double()).to(x.dtype)  # flow -> x0: x_t - t u
+        return (x0, *extras) if extras else x0
+
+    def features(self, x, t, class_labels=None, indices=(0,), r=None, augment_labels=None):
+        x_t, t_rf = self.native(x, t)
+        return super().features(x_t, t_rf, class_labels, indices, self.r_time(r, x), augment_labels)
+
+
+class EDMRFSchedule(DiTSchedule):
+    """models/edm.py in rectified-flow time, for EDMRF networks: DiTSchedule("rf")'s times, samplers and t lists (in
+    EDM noise levels, sigma = t / (1 - t)), edm.py's CONFIGS, checkpoints marked "schedule": "rf" in their config.
+    Times span FastGen's rf range t in [0, 0.999] (sigma 0 to 999); logitnormal draws t = 0.999 sigmoid(p_mean +
+    p_std n), FastGen's sampler."""
+
+    NATIVE_RANGE = {"rf": (0.0, 0.999)}
+    SIGMA_FLOOR = 1e-6  # lower truncation of the sigma-space samplers (ln 0 is not a truncation point)
+
+    def __init__(self):
+        super().__init__("rf")
+        self.CONFIGS, self.tiny, self.config_to_json = edm.CONFIGS, edm.CONFIGS["tiny"], self._config_to_json
+
+    @staticmethod
+    def _config_to_json(cfg):
+        """edm.py's config plus the parameterisation: edm.from_pretrained refuses it (an unknown field), so an rf
+        network is never run as an EDM-preconditioned one."""
+        return json.dumps(json.loads(edm.config_to_json(cfg)) | {"schedule": "rf"})
+
+    def sample_t(self, n, kind="lognormal", p_mean=-1.2, p_std=1.2, t_min=None, t_max=None):
+        if kind in ("lognormal", "log_t"):
+            t_min = max(t_min or 0.0, self.SIGMA_FLOOR)
+        return super().sample_t(n, kind, p_mean, p_std, t_min, t_max)
+
+    def sample_heun(self, model, noise, class_labels=None, steps=18):
+        """EDM's Heun sampler on the Karras grid from sigma 999 down to EDM's 0.002 (the grids of non-MeanFlow runs)."""
+        return edm.sample_heun(model, noise, class_labels, steps=steps, sigma_min=edm.T_MIN, sigma_max=self.T_MAX)
+
+    def from_pretrained(self, name_or_path, **overrides):
+        """An EDMRF from a checkpoint that train_edm.py --model edm_rf wrote; the released EDM networks are trained
+        with EDM's preconditioning and are refused."""
+        if name_or_path in edm.CONFIGS or not os.path.exists(name_or_path):
+            fail(f"{name_or_path} is not an edm_rf checkpoint", "--teacher", "give a .safetensors written by train_edm.py --model edm_rf, or train from scratch with --arch NAME")  # fmt: skip
+        from safetensors import safe_open
+
+        with safe_open(name_or_path, framework="pt") as f:
+            config = json.loads((f.metadata() or {}).get("config", "{}"))
+        if config.pop("schedule", None) != "rf":
+            fail(f"{name_or_path} is not a rectified-flow EDM network", "--teacher", "train it with --model edm")
+        cfg = replace(edm.config_from_json(json.dumps(config)), **overrides)
+        with torch.device("meta"):
+            model = EDMRF(cfg)
+        edm.load_checkpoint(model, name_or_path, adapt=True)
+        return model.eval()
+
+    def load_checkpoint(self, model, path, adapt=False):
+        return edm.load_checkpoint(model, path, adapt)
+
+
+MODELS = {"edm": (edm, edm.EDMPrecond), "edm_rf": (EDMRFSchedule(), EDMRF), "edm2": (edm2, edm2.EDM2Precond), "dit": (DiTSchedule("ddpm"), EDMDiT), "sit": (DiTSchedule("rf"), EDMDiT)}  # fmt: skip
 
 
 def net_shape(cfg):
@@ -411,17 +500,22 @@ PRESETS = {
         batch_size=1024,
         max_steps=300_000,
     ),
+    # MeanFlow from scratch in rectified-flow time on the raw DDPM++ (EDM/config_mf_cifar10.py): t, r logit-normal in
+    # rf time on [0, 0.999] (r_p_mean -4, r_p_std 1.6, 25% r = t: the defaults), FastGen's rf loss (native_weighting).
     "meanflow-cifar10": dict(
         _CONST_EMAS,
         method="meanflow",
+        model="edm_rf",
         teacher="",
         arch="edm-cifar10-32x32-uncond-vp",
         data="cifar10",
         optimizer="adam",
         lr=6e-4,
         warmup_steps=9765,
+        t_sampler="logitnormal",
         p_mean=-0.6,
         p_std=1.6,
+        native_weighting=True,
         batch_size=1024,
         max_steps=1_000_000,
         dropout=0.2,
@@ -582,7 +676,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--preset", choices=sorted(PRESETS), default="", help="named flag defaults (see below); without --preset and --method: toy")
 parser.add_argument("--method", choices=["sft", "cm", "scm", "tcm", "meanflow", "dmd2", "fdistill", "kd"], default=None, help="default sft")
 # models and data
-parser.add_argument("--model", choices=sorted(MODELS), default="edm", help="model file: edm (SongUNet/ADM), edm2, dit (DiT, ddpm) or sit (SiT, rf)")
+parser.add_argument("--model", choices=sorted(MODELS), default="edm", help="model file: edm (SongUNet/ADM), edm_rf (the same networks raw, in rectified-flow time: FastGen's MeanFlow CIFAR-10), edm2, dit (DiT, ddpm) or sit (SiT, rf)")
 parser.add_argument("--teacher", default="", help="CONFIGS name or .safetensors: the pretrained net (student init, and teacher with --cd)")
 parser.add_argument("--arch", default="", help="CONFIGS name whose architecture a from-scratch student uses (when --teacher is empty)")
 parser.add_argument("--stage1", default="", help="tcm: the stage-one CM student (.safetensors written by --method cm)")
@@ -619,7 +713,7 @@ parser.add_argument("--p_mean", type=float, default=-1.2)
 parser.add_argument("--p_std", type=float, default=1.2)
 parser.add_argument("--t_max", type=float, default=None, help="largest training noise level (default: the model's, 80 for edm/edm2, 999 for sit, 158 for dit; sCT uses 800)")
 parser.add_argument("--edm_weighting", action="store_true", help="sft: EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2")
-parser.add_argument("--native_weighting", action="store_true", help="sft on dit/sit: weights that make the x0 loss the native one, ||eps_hat - eps||^2 (DiT) or ||flow_hat - flow||^2 (SiT), as FastGen")
+parser.add_argument("--native_weighting", action="store_true", help="sft on dit/sit/edm_rf: weights that make the x0 loss the native one, ||eps_hat - eps||^2 (DiT) or ||flow_hat - flow||^2 (rf), as FastGen; meanflow on sit/edm_rf: the MeanFlow residual in rectified-flow time, FastGen's loss")
 parser.add_argument("--cd", action="store_true", help="cm/scm/tcm/meanflow: distil from the teacher instead of the data alone")
 parser.add_argument("--guidance", type=float, default=1.0, help="teacher classifier-free guidance in --cd targets")
 parser.add_argument("--ct_q", type=float, default=2.0, help="cm/tcm: ECT gap schedule, ratio = 1 - q^-(stage+1)")
@@ -698,8 +792,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.preset = preset
     args.t_max = args.t_max or MODELS[args.model][0].T_MAX
-    if args.native_weighting and args.model not in ("dit", "sit"):
-        fail("--native_weighting is for DiT/SiT", "--native_weighting", "drop it: edm/edm2 predict x0 natively")
+    if args.native_weighting and args.model not in ("dit", "sit", "edm_rf"):
+        fail("--native_weighting is for DiT/SiT/edm_rf", "--native_weighting", "drop it: edm/edm2 predict x0 natively")
+    if args.native_weighting and args.method == "meanflow" and args.model == "dit":
+        fail("MeanFlow's native loss is defined here in rectified-flow time", "--native_weighting", "use it with --model sit or edm_rf")  # fmt: skip
     if args.dropout is not None and args.model in ("dit", "sit"):
         fail("DiT/SiT have no dropout", "--dropout", "drop --dropout")
     if args.method == "fdistill" and args.gan_weight <= 0:
@@ -1298,17 +1394,24 @@ def meanflow_guidance(student, x_t, t, v, labels, args):
         student.train(was_training)
     keep = torch.arange(B, device=x_t.device) >= int((torch.rand(B) < args.mf_cond_dropout).sum())
     target = torch.where(keep.reshape(-1, 1, 1, 1), guided, v.double())
-    return target.float(), onehot * keep.reshape(-1, 1).to(onehot.dtype)
+    return target.to(x_t.dtype), onehot * keep.reshape(-1, 1).to(onehot.dtype)
 
 
 def meanflow_loss(net, student, teacher, x0, labels, step, args, module):
     """MeanFlow (Geng et al. 2025, Eq. 6-10): u(z_t, r, t) = v - (t - r) du/dt, du/dt the JVP along (v, 1, 0).
 
-    NOTE: FastGen samples t and r as logit-normals in rectified-flow time t_rf; the SNR-equivalent EDM noise level
-    sigma = t_rf / (1 - t_rf) = e^n is then log-normal with the same (mean, std), which is what is sampled here."""
+    t and r come from --t_sampler with (p_mean, p_std) and (r_p_mean, r_p_std). FastGen draws both logit-normal in
+    rectified-flow time: --t_sampler logitnormal on sit/edm_rf does exactly that; the default lognormal in sigma is its
+    SNR-equivalent (sigma = t_rf / (1 - t_rf) = e^n), truncated to [T_MIN, t_max] instead of scaled into [0, 0.999].
+
+    The residual R = u - v + (t - r) du/dt is taken in EDM's noise levels. In rectified-flow time (t_rf = sigma /
+    (1 + sigma), the same points scaled by 1 - t_rf, the same x0-like output D) it is R_rf = R (1 + sigma)^2 / (1 + r):
+    both are -d/dt of the predicted point at r, x_r = x_t - (t - r) u, which is the same point up to the constant
+    factor 1 + r, and dt_rf / dsigma = 1 / (1 + sigma)^2. --native_weighting (sit, edm_rf) trains on R_rf: FastGen's
+    loss, adaptive weight included."""
     B = len(x0)
-    t = module.sample_t(B, "lognormal", args.p_mean, args.p_std, module.T_MIN, args.t_max).to(x0.device)
-    r = module.sample_t(B, "lognormal", args.r_p_mean, args.r_p_std, module.T_MIN, args.t_max).to(x0.device)
+    t = module.sample_t(B, args.t_sampler, args.p_mean, args.p_std, module.T_MIN, args.t_max).to(x0.device)
+    r = module.sample_t(B, args.t_sampler, args.r_p_mean, args.r_p_std, module.T_MIN, args.t_max).to(x0.device)
     t, r = torch.maximum(t, r), torch.minimum(t, r)
     n_flow = int((torch.rand(B) >= args.r_ratio).sum())  # the first n_flow samples are plain flow matching: r = t
     r = torch.cat([t[:n_flow], r[n_flow:]])
@@ -1316,9 +1419,10 @@ def meanflow_loss(net, student, teacher, x0, labels, step, args, module):
     x_t = (x0 + bcast(t, x0) * eps).to(x0.dtype)
     if args.cd:  # teacher velocity dx/dt = (x_t - D_T) / t
         with torch.no_grad():
-            v = ((x_t.double() - teacher_x0(teacher, x_t, t, labels, args.guidance).double()) / bcast(t, x0)).float()
+            d_teacher = teacher_x0(teacher, x_t, t, labels, args.guidance).double()
+            v = ((x_t.double() - d_teacher) / bcast(t, x0)).to(x0.dtype)
     else:  # the conditional velocity of alpha = 1, sigma = t: dx_t/dt = eps
-        v = eps.float()
+        v = eps.to(x0.dtype)  # float32 data in training; a float64 batch (tests) stays float64
         if labels is not None and (args.mf_guidance is not None or args.mf_kappa is not None or args.mf_cond_dropout):
             v, labels = meanflow_guidance(student, x_t, t, v, labels, args)
 
@@ -1326,19 +1430,22 @@ def meanflow_loss(net, student, teacher, x0, labels, step, args, module):
     with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
         if args.jvp == "exact":
             fn = lambda x, tt, rr: average_velocity(student, x, tt, rr, labels)
-            du_dt = torch.func.jvp(fn, (x_t.float(), t, r), (v, torch.ones_like(t), torch.zeros_like(r)))[1].double()
+            du_dt = torch.func.jvp(fn, (x_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))[1].double()
         else:
             h = args.fd_eps * t
             sides = []
             for sign in (1, -1):
                 set_rng(rng, x0.device)
                 th = t + sign * h
-                sides.append(average_velocity(student, (x_t.double() + bcast(th - t, x0) * v.double()).float(), th, r, labels).double())  # fmt: skip
+                sides.append(average_velocity(student, (x_t.double() + bcast(th - t, x0) * v.double()).to(x0.dtype), th, r, labels).double())  # fmt: skip
             du_dt = (sides[0] - sides[1]) / bcast(2 * h, x0)
     set_rng(rng, x0.device)  # the gradient pass draws the same dropout masks as the JVP pass
     u = average_velocity(net, x_t, t, r, labels)
     target = v.double() - bcast(t - r, x0) * du_dt
-    err = (u.double() - target).square().sum(dim=(1, 2, 3))
+    residual = u.double() - target
+    if args.native_weighting:  # the residual in rectified-flow time (see above)
+        residual = residual * bcast((1 + t) ** 2 / (1 + r), x0)
+    err = residual.square().sum(dim=(1, 2, 3))
     weight = 1 / (err.detach() + args.mf_norm_c) ** args.mf_norm_p  # adaptive loss weighting (MeanFlow Sec. 4.3)
     return (weight * err).mean(), {"unweighted": err.mean().item()}
 
@@ -1797,7 +1904,9 @@ def summary(args, emas):
     )
     if last:
         weights = os.path.join(last[-1], f"ema_{next(iter(emas))}.safetensors" if emas else "student.safetensors")
-        print(f"student: {weights}\nsample it: python sample.py --model {args.model} --ckpt {weights} --sampler student --steps {args.student_steps}" + " --tiny" * args.tiny)  # fmt: skip
+        print(f"student: {weights}")
+        if args.model != "edm_rf":  # sample.py has no rectified-flow view of the EDM networks; the run's grids do
+            print(f"sample it: python sample.py --model {args.model} --ckpt {weights} --sampler student --steps {args.student_steps}" + " --tiny" * args.tiny)  # fmt: skip
 
 
 def load_pretrained(module, name, **switches):
@@ -1848,7 +1957,9 @@ def main(args):
     is_dit = args.model in ("dit", "sit")
 
     # Networks: the student (trainable), its EMAs, and frozen teacher / stage-one models where the method needs them.
-    switches = dict(logvar_head=True) if args.method == "scm" and args.model in ("edm", "dit", "sit") else {}
+    switches = dict(logvar_head=True) if args.method == "scm" and args.model in ("edm", "edm_rf", "dit", "sit") else {}
+    if args.model == "edm_rf":  # the raw network (FastGen's drop_precond="both"); EDMRF changes the variables
+        switches["precond"] = False
     if args.method == "meanflow":
         switches["r_timestep"] = True
         if is_dit:  # r enters as the interval t - r (FastGen's DiT MeanFlow configs)
@@ -1871,7 +1982,7 @@ def main(args):
     else:  # from scratch: the architecture of --arch, or the tiny config at the data's resolution
         base = module.CONFIGS[args.arch] if args.arch else replace(module.CONFIGS["tiny"], img_resolution=resolution, attn_resolutions=(resolution // 2,))  # fmt: skip
         if args.tiny or not args.arch:
-            base = replace(base, img_channels=channels, label_dim=num_classes, augment_dim=0) if args.model == "edm" else replace(base, img_channels=channels, label_dim=num_classes)  # fmt: skip
+            base = replace(base, img_channels=channels, label_dim=num_classes, augment_dim=0) if args.model in ("edm", "edm_rf") else replace(base, img_channels=channels, label_dim=num_classes)  # fmt: skip
         cfg = replace(base, **switches)
         torch.manual_seed(args.seed)
         student = Precond(cfg)

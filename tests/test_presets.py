@@ -15,6 +15,7 @@ import math
 import os
 
 import pytest
+import torch
 
 import train_edm
 import train_flux
@@ -111,9 +112,9 @@ def ours_edm(args):
         "augment": args.augment or None,
         "augment_p": args.augment_p if args.augment else None,
     }
-    if args.model in ("edm", "edm2"):
+    if args.model in ("edm", "edm_rf", "edm2"):
         out["t_max"] = args.t_max
-        module = edm if args.model == "edm" else edm2
+        module = edm2 if args.model == "edm2" else edm
         cfg = module.CONFIGS[args.teacher or args.arch]
         out["dropout"] = cfg.dropout if args.dropout is None else args.dropout
         res = [int(r) for r in args.dropout_resolutions.split(",")] if args.dropout_resolutions else None
@@ -121,6 +122,12 @@ def ours_edm(args):
         if args.model == "edm":
             out["t_list"] = [round(float(t), 4) for t in edm.t_list(args.student_steps)]
         out["schedule"], out["precond"] = "edm", True
+        if args.model == "edm_rf":  # the raw network in rectified-flow time; times on the command line are sigmas
+            out["t_min"] = train_edm.native_time(torch.tensor(train_edm.MODELS["edm_rf"][0].T_MIN), "rf").item()
+            out["t_max"] = train_edm.native_time(torch.tensor(args.t_max), "rf").item()
+            # MeanFlow's loss is FastGen's rectified-flow one only with --native_weighting (train_edm.meanflow_loss)
+            native = args.method != "meanflow" or args.native_weighting
+            out["schedule"], out["precond"] = ("rf" if native else "rf, loss in EDM noise levels"), False
         lowest = len(cfg.channel_mult) - 1
     else:
         cfg = dit.CONFIGS[args.teacher or args.arch]
@@ -129,7 +136,7 @@ def ours_edm(args):
     if args.method == "sft":
         out["cond_dropout"] = args.label_dropout or None
     out["guidance"] = args.guidance  # teacher CFG of --cd targets and dmd2; the grids sample unguided
-    if args.method == "meanflow":  # lognormal in sigma is logit-normal in rectified-flow time (meanflow_loss)
+    if args.method == "meanflow" and args.t_sampler == "lognormal":  # in sigma: logit-normal in rf time (meanflow_loss)
         out["t_sampler"] = "logitnormal"
         out["guidance"] = args.mf_guidance
     if args.method in ("dmd2", "fdistill"):
@@ -246,11 +253,7 @@ ROWS = [
     (train_edm, "scd-cifar10", "EDM/config_scd_cifar10", {}),
     (train_edm, "scd-imagenet64", "EDM/config_scd_in64", {}),
     (train_edm, "tcm-cifar10", "EDM/config_tcm_cifar10", {}),
-    (train_edm, "meanflow-cifar10", "EDM/config_mf_cifar10", {
-        "schedule": "trained in EDM's noise levels with EDM preconditioning; FastGen's rectified-flow parameterisation of the raw network is not implemented yet (issue 13 item 4)",
-        "precond": "as schedule",
-        "t_max": "as schedule: sigma up to 80 (rectified-flow t 0.988), not t 0.999",
-    }),
+    (train_edm, "meanflow-cifar10", "EDM/config_mf_cifar10", {}),
     (train_edm, "dmd2-cifar10", "EDM/config_dmd2_cifar10", {}),
     (train_edm, "fdistill-cifar10", "EDM/config_f_distill_cifar10", {}),
     (train_edm, "dmd2-imagenet64", "EDM/config_dmd2_in64", {}),
