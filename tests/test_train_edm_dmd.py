@@ -117,7 +117,7 @@ def test_dmd2_critic_loss_is_dsm_plus_gan_plus_r1(same_noise):
     x_t = g + b(t).float() * eps
     t_real, eps_real = (t, eps) if same_noise else (edm.sample_t(4, "polynomial"), torch.randn(x0.shape))
     x_real = x0 + b(t_real).float() * eps_real
-    x_perturbed = x_real + 0.1 * torch.randn(x0.shape)
+    x_perturbed = x0 + 0.1 * torch.randn(x0.shape)  # FastGen's form: the clean real moved, seen at t_real
     dsm = (fake(x_t, t) - g).square().mean()
     d_fake, d_real, d_perturbed = disc([x_t]), disc([x_real]), disc([x_perturbed])
     gan = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()

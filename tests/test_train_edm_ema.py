@@ -21,11 +21,10 @@ def gamma_from_sigma_rel(sigma_rel):
 
 
 def test_power_ema_presets_are_edm2s_sigma_rel():
-    """sft-cifar10's power EMAs are FastGen's ema_1 / ema_5 profiles: sigma_rel 0.10 and 0.05."""
+    """sft-cifar10's power EMAs are FastGen's ema_1 / ema_5 / ema_10 profiles: sigma_rel 0.01, 0.05 and 0.10."""
     specs = train_edm.PRESETS["sft-cifar10"]["ema"].split(",")
-    assert [float(s.split(":")[1]) for s in specs] == pytest.approx(
-        [gamma_from_sigma_rel(0.10), gamma_from_sigma_rel(0.05)], abs=0.005
-    )
+    expected = [gamma_from_sigma_rel(s) for s in (0.01, 0.05, 0.10)]
+    assert [float(s.split(":")[1]) for s in specs] == pytest.approx(expected, abs=0.005)
 
 
 def test_ema_beta_formulas():
