@@ -429,6 +429,22 @@ _TOY = dict(
     num_threads=2,
     quality_report=True,
 )
+# EDM2's SFT recipe, shared by its S and XL configs (EDM2/config_sft_s.py, config_sft_xl.py); they differ in size and batch.
+_SFT_EDM2 = (
+    _SFT
+    | _POWER_EMAS
+    | dict(
+        lr=1e-4,
+        beta2=0.99,
+        p_mean=-0.8,
+        p_std=1.6,
+        max_steps=150_000,
+        dropout=0.0,
+        precision="fp16",
+        student_steps=32,
+    )
+)
+
 PRESETS = {
     # EDM CIFAR-10 and ImageNet-64 (EDM/config_*.py)
     "sft-cifar10": dict(
@@ -537,30 +553,8 @@ PRESETS = {
         ratio_ema=0.5,
     ),
     # EDM2 ImageNet-64 S and XL (EDM2/config_*.py)
-    "sft-imagenet64-edm2": dict(
-        _SFT | _POWER_EMAS | _EDM2_S,
-        lr=1e-4,
-        beta2=0.99,
-        p_mean=-0.8,
-        p_std=1.6,
-        batch_size=1024,
-        max_steps=150_000,
-        dropout=0.0,
-        precision="fp16",
-        student_steps=32,
-    ),
-    "sft-imagenet64-edm2-xl": dict(
-        _SFT | _POWER_EMAS | _EDM2_XL,
-        lr=1e-4,
-        beta2=0.99,
-        p_mean=-0.8,
-        p_std=1.6,
-        batch_size=512,
-        max_steps=150_000,
-        dropout=0.0,
-        precision="fp16",
-        student_steps=32,
-    ),
+    "sft-imagenet64-edm2": _SFT_EDM2 | _EDM2_S | dict(batch_size=1024),
+    "sft-imagenet64-edm2-xl": _SFT_EDM2 | _EDM2_XL | dict(batch_size=512),
     "cm-imagenet64-edm2": dict(
         _CM_IN64 | _EDM2_DROPOUT | _EDM2_S,
         dropout=0.4,

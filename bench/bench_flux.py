@@ -1,7 +1,7 @@
 """Forward+backward time and peak memory of the FLUX.1 transformer at the "mid" size (4 double + 8 single blocks,
 width 768): models/flux.py against diffusers' FluxTransformer2DModel with the same config and weights.
 
-    /work/venv-oracle/bin/python bench/bench_flux.py                    # CPU, batch 1, 32x32 latents, 128 text tokens
+    python bench/bench_flux.py  # with requirements-dev.txt; CPU, batch 1, 32x32 latents, 128 text tokens
     python bench/bench_flux.py --device cuda --latent 64 --text_len 512 # GPU, 512 px, Flux's T5 length
 
 Run it with a python that has diffusers (it is a bench-only dependency; the project never imports it at runtime).

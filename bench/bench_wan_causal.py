@@ -5,9 +5,9 @@
    reported at 7 chunks (21 latent frames in chunks of 3, as Self-Forcing on Wan 1.3B);
 2. the bidirectional forward of the same small config against diffusers' WanTransformer3DModel with the same weights.
 
-    /work/venv-oracle/bin/python bench/bench_wan_causal.py            # diffusers lives in that environment
+    python bench/bench_wan_causal.py            # a Python with requirements-dev.txt (diffusers)
     python bench/bench_wan_causal.py --no_diffusers                    # part 1 only
-    OMP_NUM_THREADS=1 /work/venv-oracle/bin/python bench/bench_wan_causal.py --no_rollout --iters 15   # part 2 only
+    OMP_NUM_THREADS=1 python bench/bench_wan_causal.py --no_rollout --iters 15   # part 2 only
 
 Each part first checks that the two computations agree, then alternates timed runs (machine load hits both alike)
 and reports medians with the range. On a shared machine the forward's process CPU time (also reported) varies far
